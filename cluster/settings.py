@@ -22,7 +22,7 @@ ENVIRONMENT = {
     "GAUNTLET_REDIS_PREFIX": "prefix of every Redis key gauntlet writes (default gauntlet)",
     "GAUNTLET_RAY_ADDRESS": "address of a Ray cluster (default: a local Ray)",
     "GAUNTLET_DATA_ROOT": "root of the torchvision datasets (default home/data)",
-    "GAUNTLET_ARTIFACTS": "directory of the content-addressed artifact store (default home/artifacts)",
+    "GAUNTLET_ARTIFACTS": "content-addressed artifact store (default home/artifacts)",
     "GAUNTLET_LEASE_SECONDS": "job lease; a job idle past it is reclaimed (default 60)",
     "GAUNTLET_MAX_DELIVERIES": "deliveries before a job goes to the dead-letter stream (default 3)",
     "GAUNTLET_MAX_IN_FLIGHT": "Ray tasks one scheduler keeps running at once (default 4)",

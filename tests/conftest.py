@@ -90,7 +90,7 @@ def redis_settings(request, home: Path):
     _delete_prefix(client, prefix)
     yield settings
     _delete_prefix(client, prefix)
-    redis_conn.close_embedded()
+    redis_conn.close_embedded(discard=True)
 
 
 def _delete_prefix(client, prefix: str) -> None:
@@ -104,3 +104,20 @@ def db_url(request, tmp_path: Path) -> str:
     if request.param == "postgres":
         return request.getfixturevalue("postgres_url")
     return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _stop_embedded_redis():
+    """Each test's embedded Redis dies with the test (killed: its data is not needed)."""
+    yield
+    from cluster import redis_conn
+
+    redis_conn.close_embedded(discard=True)
+
+
+@pytest.fixture(scope="session")
+def digits_models(tmp_path_factory):
+    """A standard and an FGSM-trained small CNN on digits, trained once per session."""
+    from tests.service_helpers import train_digits_models
+
+    return train_digits_models(tmp_path_factory.mktemp("models"))

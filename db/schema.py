@@ -1,0 +1,173 @@
+"""The leaderboard's SQL schema (SQLAlchemy 2.0 declarative).
+
+The same tables run on SQLite (the embedded default) and PostgreSQL (the cluster), so
+everything here is portable: enums are strings with a CHECK constraint, JSON is the
+generic JSON type, and timestamps go through ``UTCDateTime`` so that lease expiry
+compares the same way on both backends. Migration ``0001_initial`` creates exactly
+these tables; a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names: migrations can refer to them, and they read the same
+# on every backend (PostgreSQL would otherwise pick its own names, SQLite none at all).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(sa.TypeDecorator):
+    """A timezone-aware UTC datetime on every backend.
+
+    SQLite has no time zones: it stores the text of the datetime and drops tzinfo. We
+    therefore convert every value to UTC on the way in (so the stored text is naive UTC
+    and string comparison is time comparison) and attach UTC on the way out. Naive
+    datetimes are refused: a naive local time would compare wrongly against leases.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"Expected a timezone-aware datetime, but got naive {value!r}")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    done = "done"
+    failed = "failed"
+
+
+def _enum_values(enum_type: type[enum.Enum]) -> list[str]:
+    return [member.value for member in enum_type]
+
+
+# Stored as VARCHAR + CHECK (not a native PostgreSQL enum) so that adding a state later
+# is a plain constraint change on both backends.
+JOB_STATUS_TYPE = sa.Enum(
+    JobStatus,
+    name="job_status",
+    native_enum=False,
+    create_constraint=True,
+    length=16,
+    values_callable=_enum_values,
+    validate_strings=True,
+)
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: sa.JSON()}
+
+
+class Model(Base):
+    """A submitted classifier, content-addressed by a key the caller computes."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    arch: Mapped[str] = mapped_column(sa.String(100))
+    dataset: Mapped[str] = mapped_column(sa.String(100))
+    input_spec: Mapped[dict[str, Any]]
+    weights_sha256: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Lineage: a training-time defense produces a new model derived from this one.
+    parent_id: Mapped[str | None] = mapped_column(sa.ForeignKey("models.id"))
+
+
+class Job(Base):
+    """One evaluation (model x attack x defense x dataset subset) and its lifecycle."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        sa.UniqueConstraint("job_key"),
+        sa.Index("ix_jobs_status", "status"),
+        sa.Index("ix_jobs_model_id", "model_id"),
+        sa.Index("ix_jobs_group", "dataset", "norm", "eps", "subset_key"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    job_key: Mapped[str] = mapped_column(sa.String(64))
+    model_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id"))
+    kind: Mapped[str] = mapped_column(sa.String(32))
+    suite: Mapped[str | None] = mapped_column(sa.String(100))
+    spec: Mapped[dict[str, Any]]
+    # Denormalised from the spec so the leaderboard can group in SQL.
+    dataset: Mapped[str] = mapped_column(sa.String(100))
+    attack: Mapped[str] = mapped_column(sa.String(100))
+    norm: Mapped[str | None] = mapped_column(sa.String(16))
+    eps: Mapped[float | None] = mapped_column(sa.Float)
+    subset_key: Mapped[str] = mapped_column(sa.String(200))
+    status: Mapped[JobStatus] = mapped_column(
+        JOB_STATUS_TYPE, default=JobStatus.queued, server_default=JobStatus.queued.value
+    )
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200))
+    lease_expires_at: Mapped[datetime | None]
+    # Set once the job id is on the Redis stream; NULL means it still needs enqueueing.
+    stream_id: Mapped[str | None] = mapped_column(sa.String(64))
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    worker_host: Mapped[str | None] = mapped_column(sa.String(200))
+    device: Mapped[str | None] = mapped_column(sa.String(100))
+    code_version: Mapped[str | None] = mapped_column(sa.String(100))
+    seconds: Mapped[float | None] = mapped_column(sa.Float)
+
+
+class MetricRow(Base):
+    """One named number of a finished job, with its sample size and 95% interval."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (sa.UniqueConstraint("job_id", "name", name="uq_metrics_job_id_name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(sa.String(100))
+    value: Mapped[float] = mapped_column(sa.Float)
+    n: Mapped[int]
+    ci_low: Mapped[float | None] = mapped_column(sa.Float)
+    ci_high: Mapped[float | None] = mapped_column(sa.Float)
+
+
+class Outcome(Base):
+    """Per-example outcomes of a finished job as packed bitsets (workers.outcomes)."""
+
+    __tablename__ = "outcomes"
+
+    job_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    n: Mapped[int]
+    clean: Mapped[bytes] = mapped_column(sa.LargeBinary)
+    robust: Mapped[bytes] = mapped_column(sa.LargeBinary)

@@ -1,0 +1,1 @@
+"""The scheduler: job specs and suites, the Redis job queue, dispatch, nightly runs, the CLI."""

@@ -1,0 +1,259 @@
+"""The ``gauntlet`` command line: a thin click layer over the scheduler's functions.
+
+Core code raises ``GauntletError``; this layer prints its message on one line and
+exits with status 1, no traceback. Every option can also come from an environment
+variable (``GAUNTLET_<COMMAND>_<OPTION>``), and every listing takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from dataclasses import asdict
+
+import click
+from rich.console import Console
+
+from cluster.errors import GauntletError
+from scheduler import render
+from scheduler.app import App
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class GauntletGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GauntletError as exc:
+            err_console.print(f"[red]Error:[/red] {exc}", highlight=False, markup=True)
+            sys.exit(1)
+
+
+def _app(ctx: click.Context) -> App:
+    return ctx.ensure_object(App)
+
+
+def _print_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(
+    cls=GauntletGroup,
+    context_settings={"auto_envvar_prefix": "GAUNTLET", "help_option_names": ["-h", "--help"]},
+)
+@click.version_option(package_name="gauntlet-eval")
+def main():
+    """gauntlet: robustness evaluation and leaderboard for image classifiers."""
+
+
+@main.command()
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--arch", required=True, help="Architecture name (see `gauntlet archs`).")
+@click.option("--dataset", required=True, help="Dataset name (see `gauntlet datasets`).")
+@click.option("--suite", default="quick", show_default=True, help="Evaluation suite.")
+@click.option("--name", help="Display name (default: the file name).")
+@click.option("--n", type=int, help="Evaluation points (default: the suite's).")
+@click.option("--mean", help="Per-channel mean, comma separated (default: the dataset's).")
+@click.option("--std", help="Per-channel std, comma separated (default: the dataset's).")
+@click.option("--num-classes", type=int, help="Classes (default: the dataset's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def submit(ctx, weights, arch, dataset, suite, name, n, mean, std, num_classes, as_json):
+    """Submit a safetensors model and enqueue its suite's evaluations."""
+    from scheduler.submit import submit as do_submit
+
+    app = _app(ctx)
+    overrides = {
+        "mean": _floats(mean, "mean"),
+        "std": _floats(std, "std"),
+        "num_classes": num_classes,
+    }
+    report = do_submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        weights,
+        arch=arch,
+        dataset=dataset,
+        suite=suite,
+        name=name,
+        n=n,
+        input_overrides=overrides,
+    )
+    if as_json:
+        _print_json(asdict(report))
+        return
+    state = "new model" if report.new_model else "known model"
+    console.print(
+        f"{report.name} ({state} {report.model_id[:12]}): {report.jobs} evaluations, "
+        f"{report.new_jobs} new, {report.enqueued} enqueued"
+    )
+
+
+def _floats(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise GauntletError(
+            f"Expected `--{what}` to be numbers separated by commas, but got {text!r}"
+        ) from None
+
+
+@main.command()
+@click.option("--status", type=click.Choice(["queued", "running", "done", "failed"]))
+@click.option("--model", help="Model name or id prefix.")
+@click.option("--dataset")
+@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def jobs(ctx, status, model, dataset, limit, as_json):
+    """List jobs and their status."""
+    from scheduler import lifecycle
+
+    rows = lifecycle.list_jobs(
+        _app(ctx).engine, status=status, model=model, dataset=dataset, limit=limit
+    )
+    if as_json:
+        _print_json(rows)
+    else:
+        console.print(render.jobs_table(rows))
+
+
+@main.command()
+@click.option("--dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def leaderboard(ctx, dataset, as_json):
+    """Rank models by robust accuracy (per-example worst case across attacks)."""
+    from scheduler.leaderboard import leaderboard as board
+
+    entries = board(_app(ctx).engine, dataset=dataset)
+    if as_json:
+        _print_json([asdict(e) for e in entries])
+        return
+    if not entries:
+        console.print("No finished evaluations yet.")
+    for table in render.leaderboard_tables(entries):
+        console.print(table)
+
+
+@main.command()
+@click.option("--drain", is_flag=True, help="Exit once the queue is empty.")
+@click.option("--max-in-flight", type=int, help="Ray tasks to keep running (default 4).")
+@click.option("--local", is_flag=True, help="Run jobs in this process instead of on Ray.")
+@click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
+@click.option("--num-gpus", type=float, help="GPUs of the local Ray (default: detected).")
+@click.pass_context
+def scheduler(ctx, drain, max_in_flight, local, num_cpus, num_gpus):
+    """Run queued jobs on Ray and write their results (a daemon unless --drain)."""
+    from scheduler.run import run_scheduler
+
+    stop = {"flag": False}
+
+    def request_stop(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    stats = run_scheduler(
+        _app(ctx),
+        drain=drain,
+        local=local,
+        max_in_flight=max_in_flight,
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        console=console,
+        should_stop=lambda: stop["flag"],
+    )
+    console.print(
+        f"done {stats.done}, failed {stats.failed}, retried {stats.retried}, "
+        f"dead-lettered {stats.dead}"
+    )
+
+
+@main.command()
+@click.option("--suite", "suites", multiple=True, help="Also expand this suite for every model.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def nightly(ctx, suites, as_json):
+    """Enqueue every model x suite evaluation that has no result yet."""
+    from scheduler.nightly import nightly as run_nightly
+
+    app = _app(ctx)
+    report = run_nightly(
+        app.engine, app.queue, app.redis, prefix=app.settings.redis_prefix, suites=list(suites)
+    )
+    if as_json:
+        _print_json(asdict(report))
+    else:
+        console.print(
+            f"{report.models} models, {report.expanded} evaluations, "
+            f"{report.new_jobs} new jobs, {report.enqueued} enqueued"
+        )
+
+
+@main.command()
+@click.option("--num-cpus", type=int, help="CPUs of the local Ray (default: all).")
+@click.pass_context
+def demo(ctx, num_cpus):
+    """Train two digits models, submit them, evaluate on local Ray, show the leaderboard."""
+    from scheduler.demo import run_demo
+
+    run_demo(_app(ctx), console=console, num_cpus=num_cpus)
+
+
+@main.group()
+def db():
+    """Database maintenance."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx):
+    """Migrate the database to the newest schema."""
+    from db.session import current_revision, make_engine, upgrade
+
+    app = _app(ctx)
+    app.settings.ensure_home()
+    engine = make_engine(app.settings.db_url)
+    upgrade(engine)
+    console.print(f"database at revision {current_revision(engine)}")
+
+
+@main.group()
+def data():
+    """Datasets under GAUNTLET_DATA_ROOT."""
+
+
+@data.command("download")
+@click.argument("name")
+@click.pass_context
+def data_download(ctx, name):
+    """Fetch a torchvision dataset into the data root (the only command that downloads)."""
+    from workers.datasets import download
+
+    app = _app(ctx)
+    app.settings.ensure_home()
+    download(name, app.settings.data_root)
+    console.print(f"{name} is under {app.settings.data_root}")
+
+
+@main.command("list")
+@click.argument("what", type=click.Choice(["attacks", "archs", "datasets", "suites", "models"]))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def list_cmd(ctx, what, as_json):
+    """List registered attacks, architectures, datasets, suites or submitted models."""
+    rows = render.registry_rows(what, _app(ctx) if what == "models" else None)
+    if as_json:
+        _print_json(rows)
+    else:
+        console.print(render.rows_table(what, rows))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,95 @@
+"""Where a claimed job runs: a Ray task, or in-process (same contract).
+
+The dispatcher only sees ``submit``/``ready``/``outcome``. The local executor runs jobs
+synchronously at submit time, which lets service tests exercise the whole queue and
+database path without starting Ray (like rq's burst worker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from workers.result import JobFailure, JobResult
+from workers.task import run_job
+
+
+@dataclass
+class Handle:
+    job_id: int
+    ref: Any
+
+
+class Executor(Protocol):
+    def submit(
+        self, job_id: int, payload: dict, num_gpus: float, memory_mb: int | None
+    ) -> Handle: ...
+
+    def ready(self, handles: list[Handle], timeout: float) -> list[Handle]: ...
+
+    def outcome(self, handle: Handle) -> JobResult | JobFailure: ...
+
+    def max_gpus(self) -> float: ...
+
+
+class LocalExecutor:
+    """Runs each job in this process as it is submitted."""
+
+    def __init__(self, gpus: float = 0.0):
+        self.gpus = gpus
+
+    def submit(self, job_id, payload, num_gpus, memory_mb):
+        try:
+            value = run_job(payload)
+        except Exception as exc:  # noqa: BLE001 - same classification as a failed Ray task
+            value = JobFailure(message=f"{type(exc).__name__}: {exc}", permanent=False)
+        return Handle(job_id, value)
+
+    def ready(self, handles, timeout):
+        return list(handles)
+
+    def outcome(self, handle):
+        return handle.ref
+
+    def max_gpus(self):
+        return self.gpus
+
+
+class RayExecutor:
+    """Runs each job as a Ray task with the spec's GPUs (fractions allowed) and memory."""
+
+    def __init__(self):
+        import ray
+
+        self._ray = ray
+        # Retries are ours (counted in Redis, visible in SQL), not Ray's.
+        self._remote = ray.remote(max_retries=0)(run_job)
+
+    def submit(self, job_id, payload, num_gpus, memory_mb):
+        options: dict = {"num_gpus": num_gpus}
+        if memory_mb:
+            options["memory"] = int(memory_mb) * 1024 * 1024
+        return Handle(job_id, self._remote.options(**options).remote(payload))
+
+    def ready(self, handles, timeout):
+        if not handles:
+            return []
+        refs = [h.ref for h in handles]
+        done, _ = self._ray.wait(refs, num_returns=1, timeout=timeout)
+        # Collect everything already finished, not just the first, in one more cheap call.
+        if done:
+            done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        done_set = set(done)
+        return [h for h in handles if h.ref in done_set]
+
+    def outcome(self, handle):
+        try:
+            return self._ray.get(handle.ref)
+        except Exception as exc:  # noqa: BLE001 - a lost worker or node: transient
+            cause = getattr(exc, "cause", None) or exc
+            return JobFailure(message=f"{type(cause).__name__}: {cause}", permanent=False)
+
+    def max_gpus(self):
+        from cluster.ray_conn import largest_node_gpus
+
+        return largest_node_gpus()

@@ -1,0 +1,71 @@
+"""``gauntlet nightly``: re-expand every model x suite and enqueue what has no result.
+
+Job keys include each attack's resolved configuration, so a changed attack default or a
+new evaluation in a suite yields new keys, while unchanged evaluations keep theirs and
+are skipped. A Redis lease with a fencing token makes two overlapping nightly runs
+harmless: the second one stops at once, and a run whose lease lapsed stops before it
+writes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cluster.errors import GauntletError
+from scheduler import lifecycle
+from scheduler.lease import Lease, check_fence
+from scheduler.queue import JobQueue
+from scheduler.submit import enqueue_new, expand_suite, new_jobs
+
+LEASE_NAME = "nightly"
+
+
+@dataclass
+class NightlyReport:
+    models: int = 0
+    expanded: int = 0
+    new_jobs: int = 0
+    enqueued: int = 0
+    suites: dict = field(default_factory=dict)
+
+
+def model_suites(engine, model_id: str, extra: list[str]) -> list[tuple[str, int | None]]:
+    """(suite, n) pairs a model was evaluated with, plus the operator's suites at their n.
+
+    A submission may override a suite's ``n``; re-expanding at the suite's own size would
+    create a second set of jobs instead of finding the first.
+    """
+    used = set()
+    for job in lifecycle.list_jobs(engine, model=model_id, limit=None):
+        if job["suite"]:
+            used.add((job["suite"], int(job["subset_key"].split(":")[2])))
+    named = {suite for suite, _ in used}
+    used |= {(suite, None) for suite in extra if suite not in named}
+    return sorted(used, key=lambda pair: (pair[0], pair[1] or 0))
+
+
+def nightly(
+    engine,
+    queue: JobQueue,
+    client,
+    *,
+    prefix: str,
+    suites: list[str] | None = None,
+    lease_ms: int = 15 * 60 * 1000,
+) -> NightlyReport:
+    report = NightlyReport()
+    with Lease(client, LEASE_NAME, lease_ms, prefix=prefix) as lease:
+        for model in lifecycle.list_models(engine):
+            report.models += 1
+            for suite, n in model_suites(engine, model["id"], suites or []):
+                specs = expand_suite(suite, model["id"], model["dataset"], n)
+                report.expanded += len(specs)
+                have = lifecycle.done_job_keys(engine, [s.key for s in specs])
+                missing = [s for s in specs if s.key not in have]
+                if not check_fence(client, LEASE_NAME, lease.token, prefix=prefix):
+                    raise GauntletError("the nightly lease expired mid-run; nothing more written")
+                inserted = lifecycle.insert_jobs(engine, new_jobs(missing, suite))
+                report.new_jobs += len(inserted)
+                report.suites[suite] = report.suites.get(suite, 0) + len(inserted)
+        report.enqueued = enqueue_new(engine, queue)
+    return report

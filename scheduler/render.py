@@ -1,0 +1,114 @@
+"""Rich tables for the CLI (presentation only; the data comes from other modules)."""
+
+from __future__ import annotations
+
+from itertools import groupby
+
+from rich.table import Table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def leaderboard_tables(entries) -> list[Table]:
+    tables = []
+    key = lambda e: (e.dataset, e.norm, e.eps, e.subset_key)  # noqa: E731
+    for (dataset, norm, eps, subset), group in groupby(entries, key=key):
+        group = list(group)
+        attacks = sorted({a for e in group for a in e.attacks})
+        table = Table(
+            title=f"{dataset} · {norm} eps={eps:.4g}",
+            caption=f"subset {subset}; worst case over {', '.join(attacks)}",
+        )
+        for column in ("rank", "model", "clean", "robust", "95% CI", "n", "strongest"):
+            table.add_column(column, justify="right" if column in ("rank", "n") else "left")
+        for e in group:
+            table.add_row(
+                str(e.rank),
+                e.model,
+                _pct(e.clean_accuracy),
+                _pct(e.robust_accuracy),
+                f"{_pct(e.robust_low)}-{_pct(e.robust_high)}",
+                str(e.n),
+                e.strongest_attack or "-",
+            )
+        tables.append(table)
+    return tables
+
+
+def jobs_table(rows: list[dict]) -> Table:
+    table = Table(title=f"{len(rows)} jobs")
+    for column in (
+        "id",
+        "model",
+        "dataset",
+        "attack",
+        "threat",
+        "status",
+        "attempts",
+        "device",
+        "error",
+    ):
+        table.add_column(column)
+    for r in rows:
+        threat = "-" if r.get("norm") is None else f"{r['norm']} {r['eps']:.4g}"
+        status = str(getattr(r["status"], "value", r["status"]))
+        table.add_row(
+            str(r["id"]),
+            str(r.get("model") or r.get("model_id", ""))[:24],
+            r["dataset"],
+            r["attack"],
+            threat,
+            status,
+            str(r.get("attempts", 0)),
+            r.get("device") or "-",
+            (r.get("error") or "")[:80],
+        )
+    return table
+
+
+def registry_rows(what: str, app=None) -> list[dict]:
+    if what == "attacks":
+        from workers.attacks import ATTACKS
+
+        return [{"name": name, "config": repr(cls())} for name, cls in sorted(ATTACKS.items())]
+    if what == "archs":
+        from workers.architectures import architecture_names
+
+        return [{"name": name} for name in architecture_names()]
+    if what == "datasets":
+        from workers.datasets import dataset_info, dataset_names
+
+        rows = []
+        for name in dataset_names():
+            info = dataset_info(name)
+            rows.append(
+                {
+                    "name": name,
+                    "shape": [info.channels, info.height, info.width],
+                    "classes": info.num_classes,
+                    "test_size": info.test_size,
+                }
+            )
+        return rows
+    if what == "suites":
+        from scheduler.suites import load_suite, suite_names
+
+        return [
+            {"name": n, "description": " ".join(load_suite(n).description.split())}
+            for n in suite_names()
+        ]
+    from scheduler import lifecycle
+
+    return lifecycle.list_models(app.engine)
+
+
+def rows_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    columns = list(rows[0]) if rows else ["name"]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[str(row.get(c, "")) for c in columns])
+    return table

@@ -1,0 +1,67 @@
+"""Running the dispatcher from the CLI: executor choice, Ray start-up, a progress bar."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from scheduler import lifecycle
+from scheduler.app import App
+from scheduler.executors import LocalExecutor, RayExecutor
+from scheduler.submit import enqueue_new
+
+_FINAL = {"done", "failed", "dead"}
+
+
+def make_executor(app: App, *, local: bool, num_cpus=None, num_gpus=None):
+    if local:
+        return LocalExecutor()
+    from cluster.ray_conn import init_ray
+
+    init_ray(app.settings, num_cpus=num_cpus, num_gpus=num_gpus)
+    return RayExecutor()
+
+
+def run_scheduler(
+    app: App,
+    *,
+    drain: bool,
+    local: bool = False,
+    max_in_flight=None,
+    num_cpus=None,
+    num_gpus=None,
+    console=None,
+    should_stop=None,
+):
+    # Rows a crashed submit inserted without enqueueing get their stream entry now.
+    enqueue_new(app.engine, app.queue)
+    executor = make_executor(app, local=local, num_cpus=num_cpus, num_gpus=num_gpus)
+    pending = [
+        j
+        for j in lifecycle.list_jobs(app.engine, limit=None)
+        if str(getattr(j["status"], "value", j["status"])) in ("queued", "running")
+    ]
+    if console is None or not drain:
+        dispatcher = app.dispatcher(executor, max_in_flight=max_in_flight)
+        return dispatcher.run(drain=drain, should_stop=should_stop)
+
+    columns = (
+        TextColumn("[bold]evaluating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("", total=len(pending))
+
+        def on_event(kind: str, job_id: int, message: str) -> None:
+            if kind in _FINAL:
+                progress.advance(task)
+            if kind in ("failed", "dead"):
+                progress.console.print(
+                    f"[red]job {job_id} failed:[/red] {message}", highlight=False
+                )
+            progress.update(task, description=f"job {job_id} {kind}")
+
+        dispatcher = app.dispatcher(executor, max_in_flight=max_in_flight, on_event=on_event)
+        return dispatcher.run(drain=True, should_stop=should_stop)

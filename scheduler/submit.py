@@ -1,0 +1,135 @@
+"""``gauntlet submit``: validate a model, store it, expand its suite, enqueue new jobs.
+
+Submitting is idempotent end to end: the model id is a hash of (weights, architecture,
+dataset, input spec), and job keys are hashes of each evaluation, so a second
+submission of the same thing inserts no rows and enqueues nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.artifacts import ArtifactStore
+from cluster.errors import GauntletError
+from cluster.settings import Settings
+from scheduler import lifecycle
+from scheduler.queue import JobQueue
+from scheduler.spec import JobSpec, canonical_json
+from scheduler.suites import load_suite
+from workers.architectures import check_architecture
+from workers.datasets import dataset_info
+from workers.models import InputSpec, check_safetensors
+
+
+@dataclass
+class SubmitReport:
+    model_id: str
+    name: str
+    new_model: bool
+    jobs: int
+    new_jobs: int
+    enqueued: int
+
+
+def model_key(weights_sha256: str, arch: str, dataset: str, input_spec: InputSpec) -> str:
+    identity = {
+        "weights": weights_sha256,
+        "arch": arch,
+        "dataset": dataset,
+        "input": input_spec.to_dict(),
+    }
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+
+
+def default_input_spec(dataset: str, **overrides) -> InputSpec:
+    """The dataset's shape and conventional normalisation, with the user's overrides."""
+    info = dataset_info(dataset)
+    values = {
+        "channels": info.channels,
+        "height": info.height,
+        "width": info.width,
+        "num_classes": info.num_classes,
+        "mean": tuple(info.mean),
+        "std": tuple(info.std),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    spec = InputSpec(**values)
+    spec.validate()
+    return spec
+
+
+def new_jobs(specs: list[JobSpec], suite: str | None) -> list[lifecycle.NewJob]:
+    return [
+        lifecycle.NewJob(
+            job_key=s.key,
+            model_id=s.model_id,
+            kind=s.kind,
+            suite=suite,
+            spec=s.to_dict(),
+            dataset=s.dataset,
+            attack=s.attack,
+            norm=s.norm,
+            eps=s.eps,
+            subset_key=s.subset_key,
+        )
+        for s in specs
+    ]
+
+
+def enqueue_new(engine, queue: JobQueue) -> int:
+    """XADD every queued job that has no stream entry yet; returns how many.
+
+    Covers both fresh rows and rows a crashed submit inserted but never enqueued.
+    """
+    count = 0
+    for job_id in lifecycle.unenqueued_jobs(engine):
+        lifecycle.mark_enqueued(engine, job_id, queue.enqueue(job_id))
+        count += 1
+    return count
+
+
+def expand_suite(suite_name: str, model_id: str, dataset: str, n: int | None = None):
+    suite = load_suite(suite_name)
+    return suite.expand(model_id, dataset, n=n, max_n=dataset_info(dataset).test_size)
+
+
+def submit(
+    settings: Settings,
+    engine,
+    queue: JobQueue,
+    weights: str | Path,
+    *,
+    arch: str,
+    dataset: str,
+    suite: str,
+    name: str | None = None,
+    n: int | None = None,
+    input_overrides: dict | None = None,
+) -> SubmitReport:
+    path = Path(weights)
+    if not path.is_file():
+        raise GauntletError(f"weights file {str(path)!r} does not exist")
+    # Cheap, static checks first, so a bad submission stores nothing.
+    check_architecture(arch)
+    input_spec = default_input_spec(dataset, **(input_overrides or {}))
+    load_suite(suite)
+    check_safetensors(path)
+
+    weights_sha = ArtifactStore(settings.artifacts).put_file(path)
+    model_id = model_key(weights_sha, arch, dataset, input_spec)
+    specs = expand_suite(suite, model_id, dataset, n)
+    display = name or path.stem
+    created = lifecycle.upsert_model(
+        engine,
+        id=model_id,
+        name=display,
+        arch=arch,
+        dataset=dataset,
+        input_spec=input_spec.to_dict(),
+        weights_sha256=weights_sha,
+    )
+    inserted = lifecycle.insert_jobs(engine, new_jobs(specs, suite))
+    enqueued = enqueue_new(engine, queue)
+    return SubmitReport(model_id, display, created, len(specs), len(inserted), enqueued)

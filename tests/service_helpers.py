@@ -1,0 +1,34 @@
+"""Helpers for the service tests: small trained digits models and a test App."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from scheduler.app import App
+from scheduler.submit import default_input_spec
+from tests.conftest import make_settings
+from workers.datasets import load_split
+from workers.models import save_classifier
+from workers.training import train_classifier
+
+
+def train_digits_models(folder: Path, epochs: int = 12) -> dict[str, Path]:
+    """A standard and an adversarially trained small CNN on digits, as safetensors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = default_input_spec("digits")
+    x, y = load_split("digits", "train", folder)
+    paths = {}
+    for name, eps in (("standard", 0.0), ("robust", 0.2)):
+        torch.manual_seed(0)
+        net = train_classifier(
+            x, y, arch="small-cnn", spec=spec, epochs=epochs, adversarial_eps=eps, seed=0
+        )
+        paths[name] = folder / f"{name}.safetensors"
+        save_classifier(net, paths[name])
+    return paths
+
+
+def make_app(home: Path, **overrides) -> App:
+    return App(make_settings(home, **overrides))

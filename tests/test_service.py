@@ -1,0 +1,266 @@
+"""End to end: submit -> queue -> scheduler -> SQL leaderboard, on real services."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.artifacts import ArtifactStore
+from db.session import upgrade
+from scheduler import lifecycle
+from scheduler.executors import LocalExecutor, RayExecutor
+from scheduler.leaderboard import leaderboard
+from scheduler.nightly import nightly
+from scheduler.submit import submit
+from tests.service_helpers import make_app
+from workers.datasets import eval_subset
+from workers.models import InputSpec, load_classifier
+
+N = 100
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the module, with one logical GPU to test GPU placement."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+def _clean_accuracy(path, x, y) -> float:
+    model = load_classifier(path, "small-cnn", InputSpec(1, 8, 8, 10))
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def _drain(app, executor, **kw):
+    return app.dispatcher(executor, **kw).run(drain=True)
+
+
+@pytest.mark.ray
+def test_submit_drain_on_ray_and_leaderboard(tmp_path, digits_models, ray_local, db_url):
+    upgrade(db_url)  # what `gauntlet db upgrade` does; a server database never self-migrates
+    app = make_app(tmp_path / "home", GAUNTLET_DB_URL=db_url)
+    reports = {
+        name: submit(
+            app.settings,
+            app.engine,
+            app.queue,
+            path,
+            arch="small-cnn",
+            dataset="digits",
+            suite="quick",
+            name=name,
+            n=N,
+        )
+        for name, path in digits_models.items()
+    }
+    assert all(r.new_jobs == 3 and r.enqueued == 3 for r in reports.values())
+
+    stats = _drain(app, RayExecutor(), max_in_flight=2)
+    assert (stats.done, stats.failed) == (6, 0)
+    rows = lifecycle.list_jobs(app.engine)
+    assert {str(getattr(r["status"], "value", r["status"])) for r in rows} == {"done"}
+    assert all(r["attempts"] == 1 and r["worker_host"] for r in rows)
+
+    entries = leaderboard(app.engine, dataset="digits")
+    assert [e.model for e in entries] == ["robust", "standard"]  # robust training wins
+    x, y, _ = eval_subset("digits", N, 0, app.settings.data_root)
+    for entry in entries:
+        # Clean accuracy is what an independent forward pass gives on the same subset.
+        assert entry.clean_accuracy == pytest.approx(
+            _clean_accuracy(digits_models[entry.model], x, y)
+        )
+        assert entry.n == N and entry.norm == "linf" and entry.eps == pytest.approx(0.2)
+        assert entry.robust_accuracy <= entry.clean_accuracy
+        assert entry.robust_low <= entry.robust_accuracy <= entry.robust_high
+        assert set(entry.attacks) == {"fgsm", "pgd"}
+    standard = next(e for e in entries if e.model == "standard")
+    robust = next(e for e in entries if e.model == "robust")
+    # At eps 0.2 the standard model is nearly always broken; FGSM-AT keeps a good share.
+    assert (
+        standard.robust_accuracy < 0.1 and robust.robust_accuracy > standard.robust_accuracy + 0.15
+    )
+
+    # Submitting again creates nothing: no model, no jobs, no stream entries, no results.
+    again = submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        digits_models["robust"],
+        arch="small-cnn",
+        dataset="digits",
+        suite="quick",
+        name="robust",
+        n=N,
+    )
+    assert (again.new_model, again.new_jobs, again.enqueued) == (False, 0, 0)
+    assert len(lifecycle.list_jobs(app.engine)) == 6
+    assert app.queue.is_empty()
+    assert leaderboard(app.engine, dataset="digits") == entries
+
+
+@pytest.mark.ray
+def test_fractional_gpus_are_placed_and_oversized_jobs_fail(tmp_path, digits_models, ray_local):
+    suite = tmp_path / "gpu.yaml"
+    suite.write_text(
+        "n: 50\nresources: {num_gpus: 0.5}\neps: {linf: {default: 0.1}}\n"
+        "evaluations:\n  - attack: clean\n  - attack: fgsm\n    norm: linf\n"
+    )
+    big = tmp_path / "big.yaml"
+    big.write_text("n: 50\nresources: {num_gpus: 2}\nevaluations:\n  - attack: clean\n")
+    app = make_app(tmp_path / "home")
+    submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        digits_models["standard"],
+        arch="small-cnn",
+        dataset="digits",
+        suite=str(suite),
+    )
+    submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        digits_models["robust"],
+        arch="small-cnn",
+        dataset="digits",
+        suite=str(big),
+    )
+    _drain(app, RayExecutor())
+    rows = {r["id"]: r for r in lifecycle.list_jobs(app.engine)}
+    placed = [r for r in rows.values() if r["suite"] == str(suite)]
+    assert len(placed) == 2 and all(r["device"] == "cpu (ray gpu 0)" for r in placed)
+    (oversized,) = [r for r in rows.values() if r["suite"] == str(big)]
+    assert str(getattr(oversized["status"], "value", oversized["status"])) == "failed"
+    assert "asks for 2 GPUs but the largest node has 1" in oversized["error"]
+
+
+def test_bad_inputs_fail_their_job_and_the_rest_finish(tmp_path, digits_models):
+    app = make_app(tmp_path / "home")
+    good = submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        digits_models["standard"],
+        arch="small-cnn",
+        dataset="digits",
+        suite="quick",
+        name="good",
+        n=40,
+    )
+    # Weights of a 10-class net declared as a 3-class model: the model and data disagree.
+    submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        digits_models["standard"],
+        arch="small-cnn",
+        dataset="digits",
+        suite="quick",
+        name="wrong-classes",
+        n=40,
+        input_overrides={"num_classes": 3},
+    )
+    # The stored file rots after submission: the store's hash check catches it.
+    corrupt_src = tmp_path / "corrupt.safetensors"
+    corrupt_src.write_bytes(digits_models["robust"].read_bytes())
+    corrupt = submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        corrupt_src,
+        arch="small-cnn",
+        dataset="digits",
+        suite="quick",
+        name="corrupt",
+        n=40,
+    )
+    sha = next(m for m in lifecycle.list_models(app.engine) if m["id"] == corrupt.model_id)[
+        "weights_sha256"
+    ]
+    stored = ArtifactStore(app.settings.artifacts).root / sha[:2] / sha
+    stored.write_bytes(stored.read_bytes()[:-100] + b"\0" * 100)
+    # A model row whose architecture this version does not know (e.g. since removed).
+    good_sha = next(m for m in lifecycle.list_models(app.engine) if m["id"] == good.model_id)[
+        "weights_sha256"
+    ]
+    lifecycle.upsert_model(
+        app.engine,
+        id="f" * 64,
+        name="ghost-arch",
+        arch="no-such-net",
+        dataset="digits",
+        input_spec=InputSpec(1, 8, 8, 10).to_dict(),
+        weights_sha256=good_sha,
+    )
+    from scheduler.submit import enqueue_new, expand_suite, new_jobs
+
+    lifecycle.insert_jobs(
+        app.engine, new_jobs(expand_suite("quick", "f" * 64, "digits", 40), "quick")
+    )
+    enqueue_new(app.engine, app.queue)
+
+    stats = _drain(app, LocalExecutor())
+    assert (stats.done, stats.failed) == (3, 9)
+    by_model: dict[str, list] = {}
+    for row in lifecycle.list_jobs(app.engine):
+        by_model.setdefault(row["model"], []).append(row)
+    assert all(_status(r) == "done" for r in by_model["good"])
+    expected = {
+        "wrong-classes": "shape mismatch",
+        "corrupt": "is corrupt",
+        "ghost-arch": "no-such-net",
+    }
+    for name, fragment in expected.items():
+        for row in by_model[name]:
+            assert _status(row) == "failed" and fragment in row["error"], row["error"]
+            assert row["attempts"] == 1  # permanent: not retried
+    assert app.queue.is_empty()
+    assert good.model_id in {e.model_id for e in leaderboard(app.engine)}
+
+
+def _status(row) -> str:
+    return str(getattr(row["status"], "value", row["status"]))
+
+
+def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_models):
+    from scheduler.lease import Lease
+
+    app = make_app(tmp_path / "home")
+    submit(
+        app.settings,
+        app.engine,
+        app.queue,
+        digits_models["standard"],
+        arch="small-cnn",
+        dataset="digits",
+        suite="quick",
+        name="m",
+        n=30,
+    )
+    _drain(app, LocalExecutor())
+    prefix = app.settings.redis_prefix
+    report = nightly(app.engine, app.queue, app.redis, prefix=prefix)
+    assert (report.models, report.new_jobs, report.enqueued) == (1, 0, 0)
+
+    # A new suite for every model: only its evaluations that have no row are new
+    # (its clean evaluation at the same subset size is new, since n differs).
+    report = nightly(app.engine, app.queue, app.redis, prefix=prefix, suites=["standard-linf"])
+    assert report.new_jobs == 3 and report.enqueued == 3
+
+    # While another nightly holds the lease, a second one refuses to run.
+    from cluster.errors import GauntletError
+
+    with Lease(app.redis, "nightly", 60_000, prefix=prefix):
+        with pytest.raises(GauntletError, match="holds the lease"):
+            nightly(app.engine, app.queue, app.redis, prefix=prefix, suites=["quick"])

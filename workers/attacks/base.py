@@ -1,0 +1,209 @@
+"""The attack contract: threat models, results, and the base class that owns them.
+
+``Attack.__call__`` does everything every attack must get right (validation, eval mode,
+batching, attacking only correctly classified points, keeping the result inside the
+threat ball and [0, 1], the success mask); subclasses implement only ``run()`` on a
+batch of points the model currently gets right.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from cluster.errors import GauntletError
+from workers.attacks.norms import NORMS, get_norm
+
+# How far a subclass's x_adv may lie outside the ball or [0, 1] before the base calls it
+# a bug rather than float rounding (the L2 projection is exact only up to a few ulps).
+_CONTRACT_SLACK = 1e-4
+
+
+@dataclass(frozen=True)
+class Threat:
+    """Where an adversary may move an input: the ``norm`` ball of radius ``eps``."""
+
+    norm: str  # "linf" or "l2"
+    eps: float
+
+
+@dataclass
+class AttackResult:
+    x_adv: torch.Tensor  # (n, C, H, W), in [0, 1], inside the threat ball of x
+    clean_correct: torch.Tensor  # bool (n,): model correct on x
+    robust: torch.Tensor  # bool (n,): still correct after the attack (False where clean wrong)
+    grad_evals: int  # per-example forward+backward passes (sum over steps of active examples)
+    # Active examples of every forward+backward pass, in order: what the cost was spent on
+    # (benchmarks replay it as a lower bound; sum(active_per_step) == grad_evals).
+    active_per_step: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RunOutput:
+    """What ``Attack.run`` returns for one batch of correctly classified points."""
+
+    x_adv: torch.Tensor
+    fooled: torch.Tensor  # bool: the model misclassifies x_adv (checked by a forward pass)
+    active_per_step: list[int] = field(default_factory=list)
+
+
+def check_threat(threat: object) -> Threat:
+    """``threat`` if it is a valid Threat, else GauntletError saying what to fix."""
+    if not isinstance(threat, Threat):
+        raise GauntletError(f"Expected a threat (norm and eps), but got {threat!r}")
+    if threat.norm not in NORMS:
+        known = ", ".join(repr(name) for name in NORMS)
+        raise GauntletError(f"Expected `norm` to be one of {known}, but got {threat.norm!r}")
+    problem = get_norm(threat.norm).check_eps(threat.eps)
+    if problem is not None:
+        raise GauntletError(f"Expected `eps` to be {problem}")
+    return threat
+
+
+# Parameter checks for the keyword-only hyperparameters of attacks, with the project's
+# one message template, so build_attack can pass user input straight to a constructor.
+def expect_int(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise GauntletError(f"Expected `{name}` to be an integer {bound}, but got {value!r}")
+    return value
+
+
+def expect_float(name: str, value: Any, low: float, high: float) -> float:
+    """A float in (low, high]."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not low < value <= high:
+        raise GauntletError(
+            f"Expected `{name}` to be a float in ({low:g}, {high:g}], but got {value!r}"
+        )
+    return float(value)
+
+
+def expect_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise GauntletError(f"Expected `{name}` to be true or false, but got {value!r}")
+    return value
+
+
+def expect_norm(name: str, value: Any) -> str | None:
+    if value is not None and value not in NORMS:
+        known = ", ".join(repr(n) for n in NORMS)
+        raise GauntletError(f"Expected `{name}` to be None or one of {known}, but got {value!r}")
+    return value
+
+
+class Attack:
+    """Base of all attacks. Hyperparameters are keyword-only constructor arguments."""
+
+    name: ClassVar[str]
+    # Every attack except "clean" needs a threat model; for those that don't, a given
+    # threat is ignored.
+    needs_threat: ClassVar[bool] = True
+
+    def config(self) -> dict[str, Any]:
+        """The hyperparameters, in constructor order: the source of ``repr``."""
+        return {}
+
+    def check(self, threat: Threat | None) -> None:
+        """Attack-specific threat checks (e.g. a fixed norm); GauntletError if unfit."""
+
+    def run(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: Threat | None,
+        generator: torch.Generator,
+    ) -> RunOutput:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{key}={value!r}" for key, value in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    def __call__(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: Threat | None,
+        *,
+        batch_size: int = 256,
+        generator: torch.Generator | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> AttackResult:
+        threat = self._check_call(x, y, threat, batch_size)
+        if generator is None:
+            # Reproducible by default: the same submission gives the same number.
+            generator = torch.Generator().manual_seed(0)
+        was_training = model.training
+        model.eval()
+        try:
+            return self._attack_batches(model, x, y, threat, batch_size, generator, progress)
+        finally:
+            model.train(was_training)
+
+    def _check_call(
+        self, x: torch.Tensor, y: torch.Tensor, threat: Threat | None, batch_size: int
+    ) -> Threat | None:
+        if self.needs_threat:
+            if threat is None:
+                raise GauntletError(f"The {self.name!r} attack needs a threat (norm and eps)")
+            check_threat(threat)
+        else:
+            threat = None
+        self.check(threat)
+        expect_int("batch_size", batch_size, 1)
+        if x.dim() != 4 or not x.is_floating_point():
+            raise GauntletError(
+                "Expected images as a float (n, C, H, W) tensor, "
+                f"but got {x.dtype} of shape {tuple(x.shape)}"
+            )
+        if y.shape != (x.shape[0],):
+            raise GauntletError(
+                f"Expected labels of shape ({x.shape[0]},), but got {tuple(y.shape)}"
+            )
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise GauntletError("Expected images in [0, 1]; normalisation belongs inside the model")
+        return threat
+
+    def _attack_batches(self, model, x, y, threat, batch_size, generator, progress) -> AttackResult:
+        n = x.shape[0]
+        x_adv = x.detach().clone()
+        clean_correct = torch.zeros(n, dtype=torch.bool, device=x.device)
+        robust = torch.zeros(n, dtype=torch.bool, device=x.device)
+        active_per_step: list[int] = []
+        for start in range(0, n, batch_size):
+            xb, yb = x[start : start + batch_size].detach(), y[start : start + batch_size]
+            with torch.no_grad():
+                correct = model(xb).argmax(dim=1) == yb
+            clean_correct[start : start + len(xb)] = correct
+            # Only points the model gets right are attacked: the others are lost already.
+            idx = correct.nonzero().squeeze(1) + start
+            if len(idx):
+                out = self.run(model, x[idx].detach(), y[idx], threat, generator)
+                x_adv[idx] = self._enforce_threat(out.x_adv.detach(), x[idx], threat)
+                robust[idx] = ~out.fooled
+                active_per_step.extend(out.active_per_step)
+            if progress is not None:
+                progress(min(start + batch_size, n), n)
+        return AttackResult(x_adv, clean_correct, robust, sum(active_per_step), active_per_step)
+
+    def _enforce_threat(self, x_adv: torch.Tensor, x: torch.Tensor, threat: Threat | None):
+        """Project ``x_adv`` into the ball and [0, 1]; an attack that strays far is a bug."""
+        if threat is None:
+            allowed = x
+        else:
+            allowed = get_norm(threat.norm).project(x_adv, x, threat.eps).clamp(0.0, 1.0)
+        if (allowed - x_adv).abs().max() > _CONTRACT_SLACK:
+            raise RuntimeError(f"{self!r} returned points outside the threat {threat}")
+        return allowed

@@ -1,0 +1,142 @@
+"""Projected gradient descent (Madry et al. 2018), and FGSM as its one-step case.
+
+One class for every norm: the norm axis (``workers.attacks.norms``) supplies the random
+start, the step direction and the projection. Examples leave the active set as soon as
+the forward pass that computes their gradient shows them misclassified, so an attack on
+an undefended model costs a few steps, not ``steps``, per example.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cluster.errors import GauntletError
+from workers.attacks.base import (
+    Attack,
+    RunOutput,
+    Threat,
+    expect_bool,
+    expect_float,
+    expect_int,
+    expect_norm,
+)
+from workers.attacks.norms import get_norm
+from workers.attacks.registry import register_attack
+
+
+@register_attack
+class PGD(Attack):
+    """PGD with ``steps`` steps of size ``rel_stepsize * eps`` and ``restarts`` restarts.
+
+    Defaults follow Foolbox's LinfPGD (40 steps of 0.01/0.3 eps, random start), which
+    travels 1.33 eps in total: far enough to reach any corner of the ball from its centre.
+    ``norm=None`` takes the norm from the threat; a fixed norm must match the threat.
+    Restarts rerun only on points still robust, each from a fresh random start.
+    """
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        *,
+        norm: str | None = None,
+        steps: int = 40,
+        rel_stepsize: float = 0.01 / 0.3,
+        restarts: int = 1,
+        random_start: bool = True,
+    ) -> None:
+        self.norm = expect_norm("norm", norm)
+        self.steps = expect_int("steps", steps, 1, 10_000)
+        self.rel_stepsize = expect_float("rel_stepsize", rel_stepsize, 0.0, 10.0)
+        self.restarts = expect_int("restarts", restarts, 1, 100)
+        self.random_start = expect_bool("random_start", random_start)
+        if self.restarts > 1 and not self.random_start:
+            # Without a random start every restart would retrace the same path.
+            raise GauntletError("Expected `random_start` to be true when `restarts` > 1")
+
+    def config(self) -> dict:
+        return {
+            "norm": self.norm,
+            "steps": self.steps,
+            "rel_stepsize": self.rel_stepsize,
+            "restarts": self.restarts,
+            "random_start": self.random_start,
+        }
+
+    def check(self, threat: Threat | None) -> None:
+        if threat is not None and self.norm is not None and threat.norm != self.norm:
+            raise GauntletError(
+                f"{self!r} attacks the {self.norm} norm, but the threat is {threat.norm}"
+            )
+
+    def run(self, model, x, y, threat, generator) -> RunOutput:
+        assert threat is not None  # the base checked it
+        norm, eps = get_norm(threat.norm), threat.eps
+        step_size = self.rel_stepsize * eps
+        x_adv = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        active_per_step: list[int] = []
+        idx = torch.arange(len(x), device=x.device)  # points still robust
+        for _ in range(self.restarts):
+            if not len(idx):
+                break
+            y0, x0 = y[idx], x[idx]
+            if self.random_start:
+                xa = norm.random_start(x0, eps, generator).clamp_(0.0, 1.0)
+            else:
+                xa = x0.clone()  # updated in place below, and the ball may hold x0
+            # Per-example tensors, compacted together with idx, y0 and xa.
+            ball = norm.constraint(x0, eps)
+            for _ in range(self.steps):
+                xa = xa.detach().requires_grad_(True)
+                logits = model(xa)
+                # Summed, not averaged: each example's gradient is independent of the
+                # batch it happens to share, and there is no tiny-gradient underflow.
+                loss = F.cross_entropy(logits, y0, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, xa)
+                xa = xa.detach()
+                active_per_step.append(len(idx))
+                # The same forward pass says who is fooled already: they leave the active
+                # set with the point that fooled them and are never computed again.
+                wrong = logits.detach().argmax(dim=1) != y0
+                out = wrong.nonzero().squeeze(1)
+                if len(out):
+                    done = idx[out]
+                    x_adv.index_copy_(0, done, xa[out])
+                    fooled[done] = True
+                # xa owns its memory (a clone, a random start or a gathered copy). Stepping
+                # before compacting saves gathering the gradient.
+                xa = xa.add_(norm.normalise(grad), alpha=step_size)
+                xa = norm.project_clip(xa, ball, eps)
+                if len(out):
+                    keep = (~wrong).nonzero().squeeze(1)
+                    idx, y0, xa, ball = idx[keep], y0[keep], xa[keep], ball[keep]
+                    if not len(idx):
+                        break
+            if not len(idx):
+                break
+            # The one final forward: the last step's points have not been checked yet.
+            with torch.no_grad():
+                wrong = model(xa).argmax(dim=1) != y0
+            x_adv.index_copy_(0, idx, xa)
+            fooled[idx[wrong]] = True
+            idx = idx[~wrong]
+        return RunOutput(x_adv, fooled, active_per_step)
+
+
+@register_attack
+class FGSM(PGD):
+    """The fast gradient (sign) method: one step of size eps from the clean point.
+
+    Linf: x + eps * sign(grad) (Goodfellow et al. 2015). L2: x + eps * grad / ||grad||_2,
+    the "fast gradient method". Clipped to [0, 1].
+    """
+
+    name = "fgsm"
+
+    def __init__(self, *, norm: str | None = None) -> None:
+        super().__init__(norm=norm, steps=1, rel_stepsize=1.0, restarts=1, random_start=False)
+
+    def config(self) -> dict:
+        return {"norm": self.norm}

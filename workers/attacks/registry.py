@@ -1,0 +1,74 @@
+"""The attack registry: names to classes, and building attacks from user parameters.
+
+Built-in attacks register through ``register_attack`` exactly as a third party would, so
+there is one path from a suite's ``{"name": ..., "params": ...}`` to an attack object,
+and one place that turns bad names or parameters into clear messages at submit time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from cluster.errors import GauntletError
+from workers.attacks.base import Attack, Threat, check_threat
+
+ATTACKS: dict[str, type[Attack]] = {}
+
+A = TypeVar("A", bound=type[Attack])
+
+
+def register_attack(cls: A) -> A:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Attack)):
+        raise TypeError(f"Expected an Attack subclass, but got {cls!r}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    if name in ATTACKS and ATTACKS[name] is not cls:
+        raise ValueError(f"An attack named {name!r} is already registered: {ATTACKS[name]}")
+    ATTACKS[name] = cls
+    return cls
+
+
+def attack_params(cls: type[Attack]) -> list[str]:
+    """The names of ``cls``'s keyword-only hyperparameters."""
+    signature = inspect.signature(cls.__init__)
+    return [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def _lookup(name: object) -> type[Attack]:
+    if not isinstance(name, str) or name not in ATTACKS:
+        known = ", ".join(sorted(ATTACKS))
+        raise GauntletError(f"Unknown attack {name!r}; known attacks: {known}")
+    return ATTACKS[name]
+
+
+def build_attack(name: str, params: Mapping[str, Any] | None = None) -> Attack:
+    """The attack ``name`` configured with ``params``; GauntletError if either is bad."""
+    cls = _lookup(name)
+    params = dict(params or {})
+    allowed = attack_params(cls)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        accepted = ", ".join(allowed) if allowed else "none"
+        raise GauntletError(
+            f"Unknown parameter(s) {', '.join(unknown)} for attack {name!r}; "
+            f"accepted parameters: {accepted}"
+        )
+    # Constructors validate values themselves and raise GauntletError.
+    return cls(**params)
+
+
+def validate_attack(name: str, params: Mapping[str, Any] | None, threat: Threat | None) -> None:
+    """Submit-time check of an attack, its parameters and its threat model.
+
+    Every attack except "clean" needs a threat; "clean" ignores one if given.
+    """
+    attack = build_attack(name, params)
+    if attack.needs_threat:
+        if threat is None:
+            raise GauntletError(f"The {name!r} attack needs a threat (norm and eps)")
+        check_threat(threat)
+        attack.check(threat)
