@@ -45,3 +45,14 @@ def test_every_registered_name_is_documented():
 def test_ci_runs_the_readme_test_command():
     ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
     assert "make test" in ci and "make test" in README
+
+
+def test_deploy_files_parse_and_ship_every_package():
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for path in [*root.glob("deploy/*.yaml"), *root.glob("deploy/k8s/*.yaml")]:
+        assert all(doc is not None for doc in yaml.safe_load_all(path.read_text())), path
+    dockerfile = (root / "deploy" / "Dockerfile").read_text()
+    for package in ("cluster", "db", "scheduler", "workers"):
+        assert f"COPY {package} ./{package}" in dockerfile

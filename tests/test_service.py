@@ -70,6 +70,10 @@ def test_submit_drain_on_ray_and_leaderboard(tmp_path, digits_models, ray_local,
     rows = lifecycle.list_jobs(app.engine)
     assert {str(getattr(r["status"], "value", r["status"])) for r in rows} == {"done"}
     assert all(r["attempts"] == 1 and r["worker_host"] for r in rows)
+    # Workers published their progress to Redis (the embedded server, over its socket).
+    prefix = app.settings.redis_prefix
+    for r in rows:
+        assert app.redis.hgetall(f"{prefix}:progress:{r['id']}") == {"done": "100", "total": "100"}
 
     entries = leaderboard(app.engine, dataset="digits")
     assert [e.model for e in entries] == ["robust", "standard"]  # robust training wins

@@ -29,8 +29,9 @@ from workers.attacks.registry import register_attack
 class PGD(Attack):
     """PGD with ``steps`` steps of size ``rel_stepsize * eps`` and ``restarts`` restarts.
 
-    Defaults follow Foolbox's LinfPGD (40 steps of 0.01/0.3 eps, random start), which
-    travels 1.33 eps in total: far enough to reach any corner of the ball from its centre.
+    The default step is 2.5 * eps / steps (Madry et al. 2018): whatever the step count,
+    the path is long enough (2.5 eps) to cross the ball from a random start and back. A
+    fixed relative step would leave short runs unable to reach the ball's boundary.
     ``norm=None`` takes the norm from the threat; a fixed norm must match the threat.
     Restarts rerun only on points still robust, each from a fresh random start.
     """
@@ -42,12 +43,14 @@ class PGD(Attack):
         *,
         norm: str | None = None,
         steps: int = 40,
-        rel_stepsize: float = 0.01 / 0.3,
+        rel_stepsize: float | None = None,
         restarts: int = 1,
         random_start: bool = True,
     ) -> None:
         self.norm = expect_norm("norm", norm)
         self.steps = expect_int("steps", steps, 1, 10_000)
+        if rel_stepsize is None:
+            rel_stepsize = 2.5 / self.steps
         self.rel_stepsize = expect_float("rel_stepsize", rel_stepsize, 0.0, 10.0)
         self.restarts = expect_int("restarts", restarts, 1, 100)
         self.random_start = expect_bool("random_start", random_start)
