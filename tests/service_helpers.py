@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from scheduler.app import App
-from scheduler.submit import default_input_spec
+from scheduler.submit import default_input_spec, submit
 from tests.conftest import make_settings
 from workers.datasets import load_split
 from workers.models import save_classifier
@@ -32,3 +32,11 @@ def train_digits_models(folder: Path, epochs: int = 12) -> dict[str, Path]:
 
 def make_app(home: Path, **overrides) -> App:
     return App(make_settings(home, **overrides))
+
+
+def submit_digits(app: App, weights: Path, **options):
+    """Submit a small CNN for digits (the suite defaults to `quick`)."""
+    options.setdefault("suite", "quick")
+    return submit(
+        app.settings, app.engine, app.queue, weights, arch="small-cnn", dataset="digits", **options
+    )

