@@ -47,9 +47,18 @@ def attack_metrics(x: torch.Tensor, result: AttackResult) -> list[Metric]:
     robust = result.robust.detach().cpu().bool() & clean
     fooled = clean & ~robust
     attacked = int(clean.sum())
-    return [
+    metrics = [
         _proportion("clean_accuracy", attacked, n),
         _proportion("robust_accuracy", int(robust.sum()), n),
         _proportion("success_rate", int(fooled.sum()), attacked),
         mean_normalised_l2(x.detach().cpu(), result.x_adv.detach().cpu(), fooled),
     ]
+    if result.queries is not None and attacked:
+        # Black-box cost: queries per attacked point, and per successful one.
+        queries = result.queries.detach().cpu().double()
+        metrics.append(Metric("mean_queries", float(queries[clean].mean()), attacked))
+        if int(fooled.sum()):
+            metrics.append(
+                Metric("mean_queries_success", float(queries[fooled].mean()), int(fooled.sum()))
+            )
+    return metrics

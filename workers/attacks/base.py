@@ -40,6 +40,9 @@ class AttackResult:
     # Active examples of every forward+backward pass, in order: what the cost was spent on
     # (benchmarks replay it as a lower bound; sum(active_per_step) == grad_evals).
     active_per_step: list[int] = field(default_factory=list)
+    # Black-box attacks: model queries spent per example (0 where not attacked); None for
+    # attacks that use gradients.
+    queries: torch.Tensor | None = None
 
 
 @dataclass
@@ -49,6 +52,7 @@ class RunOutput:
     x_adv: torch.Tensor
     fooled: torch.Tensor  # bool: the model misclassifies x_adv (checked by a forward pass)
     active_per_step: list[int] = field(default_factory=list)
+    queries: torch.Tensor | None = None  # int64 (n,): black-box queries per example
 
 
 def check_threat(threat: object) -> Threat:
@@ -108,6 +112,22 @@ class Attack:
     # Every attack except "clean" needs a threat model; for those that don't, a given
     # threat is ignored.
     needs_threat: ClassVar[bool] = True
+    # Score-based and decision-based attacks: they only query the model's outputs. A
+    # black-box attack beating the white-box ones is a sign of gradient masking.
+    black_box: ClassVar[bool] = False
+    # Attacks fitted on training data first (universal perturbations): the evaluation
+    # calls ``fit`` with the dataset's training split before ``__call__``.
+    needs_train_data: ClassVar[bool] = False
+
+    def fit(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: Threat | None,
+        generator: torch.Generator,
+    ) -> None:
+        """Fit on training points (only for ``needs_train_data`` attacks)."""
 
     def config(self) -> dict[str, Any]:
         """The hyperparameters, in constructor order: the source of ``repr``."""
@@ -181,6 +201,7 @@ class Attack:
         x_adv = x.detach().clone()
         clean_correct = torch.zeros(n, dtype=torch.bool, device=x.device)
         robust = torch.zeros(n, dtype=torch.bool, device=x.device)
+        queries = torch.zeros(n, dtype=torch.int64, device=x.device) if self.black_box else None
         active_per_step: list[int] = []
         for start in range(0, n, batch_size):
             xb, yb = x[start : start + batch_size].detach(), y[start : start + batch_size]
@@ -194,9 +215,13 @@ class Attack:
                 x_adv[idx] = self._enforce_threat(out.x_adv.detach(), x[idx], threat)
                 robust[idx] = ~out.fooled
                 active_per_step.extend(out.active_per_step)
+                if queries is not None and out.queries is not None:
+                    queries[idx] = out.queries.to(queries.device, torch.int64)
             if progress is not None:
                 progress(min(start + batch_size, n), n)
-        return AttackResult(x_adv, clean_correct, robust, sum(active_per_step), active_per_step)
+        return AttackResult(
+            x_adv, clean_correct, robust, sum(active_per_step), active_per_step, queries
+        )
 
     def _enforce_threat(self, x_adv: torch.Tensor, x: torch.Tensor, threat: Threat | None):
         """Project ``x_adv`` into the ball and [0, 1]; an attack that strays far is a bug."""
