@@ -118,6 +118,9 @@ class Attack:
     # Attacks fitted on training data first (universal perturbations): the evaluation
     # calls ``fit`` with the dataset's training split before ``__call__``.
     needs_train_data: ClassVar[bool] = False
+    # Attacks outside any Lp ball (an adversarial patch): the result is only kept in
+    # [0, 1]. Such attacks take no threat and do not count towards Lp leaderboards.
+    unbounded: ClassVar[bool] = False
 
     def fit(
         self,
@@ -225,7 +228,9 @@ class Attack:
 
     def _enforce_threat(self, x_adv: torch.Tensor, x: torch.Tensor, threat: Threat | None):
         """Project ``x_adv`` into the ball and [0, 1]; an attack that strays far is a bug."""
-        if threat is None:
+        if self.unbounded:
+            allowed = x_adv.clamp(0.0, 1.0)
+        elif threat is None:
             allowed = x
         else:
             allowed = get_norm(threat.norm).project(x_adv, x, threat.eps).clamp(0.0, 1.0)
