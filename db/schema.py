@@ -127,6 +127,10 @@ class Job(Base):
     norm: Mapped[str | None] = mapped_column(sa.String(16))
     eps: Mapped[float | None] = mapped_column(sa.Float)
     subset_key: Mapped[str] = mapped_column(sa.String(200))
+    # The defense's configuration (its repr) when the model is evaluated behind one, and
+    # the surrogate of a transfer job. Leaderboard entries are (model, defense) pairs.
+    defense: Mapped[str | None] = mapped_column(sa.String(200))
+    source_model_id: Mapped[str | None] = mapped_column(sa.String(64))
     status: Mapped[JobStatus] = mapped_column(
         JOB_STATUS_TYPE, default=JobStatus.queued, server_default=JobStatus.queued.value
     )
@@ -143,6 +147,9 @@ class Job(Base):
     device: Mapped[str | None] = mapped_column(sa.String(100))
     code_version: Mapped[str | None] = mapped_column(sa.String(100))
     seconds: Mapped[float | None] = mapped_column(sa.Float)
+    # What the worker reports beside metrics: reliability flags, the adaptations used
+    # (BPDA, EOT), the attack's resolved configuration, robustness curves.
+    details: Mapped[dict[str, Any] | None]
 
 
 class MetricRow(Base):

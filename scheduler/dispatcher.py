@@ -124,6 +124,8 @@ class Dispatcher:
             self._event("failed", claim.job_id, message)
             return
         payload = dict(self.payload_base, job_id=claim.job_id, spec=spec, model=claim.model)
+        if spec.get("source_model"):
+            payload["source_model"] = lifecycle.get_model(self.engine, spec["source_model"])
         if self.progress_prefix:
             payload["progress_key"] = f"{self.progress_prefix}:progress:{claim.job_id}"
         handle = self.executor.submit(claim.job_id, payload, num_gpus, resources.get("memory_mb"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import sqlalchemy as sa
@@ -41,6 +41,11 @@ class Entry:
     robust_high: float
     attacks: list[str]  # attack names evaluated in this group
     strongest_attack: str | None  # the attack that alone broke the most points
+    defense: str | None = None  # the defense's configuration; None for the bare model
+    # Worst case over non-adaptive attacks only (defended entries): far above
+    # robust_accuracy means the defense mostly masks gradients.
+    robust_non_adaptive: float | None = None
+    unreliable: list[str] = field(default_factory=list)  # "potentially unreliable": why
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,21 @@ class _Run:
     n: int
     clean: bytes
     robust: bytes
+    defense: str | None
+    source_model_id: str | None
+    details: dict | None
+
+    @property
+    def label(self) -> str:
+        return "transfer" if self.source_model_id else self.attack
+
+    @property
+    def adaptive(self) -> bool:
+        return bool((self.details or {}).get("adaptations"))
+
+    @property
+    def flags(self) -> list[str]:
+        return list((self.details or {}).get("flags") or [])
 
 
 def _done_runs(engine: sa.Engine, dataset: str | None) -> list[_Run]:
@@ -76,6 +96,9 @@ def _done_runs(engine: sa.Engine, dataset: str | None) -> list[_Run]:
             Outcome.n,
             Outcome.clean,
             Outcome.robust,
+            Job.defense,
+            Job.source_model_id,
+            Job.details,
         )
         .join(Model, Model.id == Job.model_id)
         .join(Outcome, Outcome.job_id == Job.id)
@@ -98,6 +121,25 @@ def _strongest(clean: np.ndarray, robust_by_attack: dict[str, np.ndarray]) -> st
     return best
 
 
+def _is_black_box(attack: str) -> bool:
+    from workers.attacks import ATTACKS
+
+    cls = ATTACKS.get(attack)
+    return attack == "transfer" or bool(cls and cls.black_box)
+
+
+def _masking_flags(clean: np.ndarray, robust_by_attack: dict[str, np.ndarray]) -> list[str]:
+    """A black-box attack beating every white-box one is the classic sign of masking."""
+    accuracy = {a: int(np.count_nonzero(r & clean)) for a, r in robust_by_attack.items()}
+    black = [a for a in accuracy if _is_black_box(a)]
+    white = [a for a in accuracy if not _is_black_box(a)]
+    if black and white:
+        best_black = min(black, key=accuracy.get)
+        if accuracy[best_black] < min(accuracy[a] for a in white):
+            return [f"black-box {best_black} beats every white-box attack (gradient masking)"]
+    return []
+
+
 def _entry(
     group: tuple[str, str, float, str], model_runs: list[_Run], clean_run: _Run | None
 ) -> Entry:
@@ -114,13 +156,23 @@ def _entry(
     for run in consistent:
         # Two runs of one attack (e.g. two configurations) count as one, at their worst.
         robust = unpack(run.robust, n)
-        robust_by_attack[run.attack] = robust & robust_by_attack.get(run.attack, robust)
+        robust_by_attack[run.label] = robust & robust_by_attack.get(run.label, robust)
     # AND with clean as well: a point misclassified without any attack is not robust,
     # even if a worker's robust bit claimed otherwise.
     survived = worst_case([run.robust for run in consistent], n) & clean
     k = int(np.count_nonzero(survived))
     low, high = wilson_interval(k, n)
     first = model_runs[0]
+    non_adaptive = None
+    if first.defense is not None:
+        plain = [run.robust for run in consistent if not run.adaptive]
+        if plain:
+            non_adaptive = float(np.count_nonzero(worst_case(plain, n) & clean)) / n
+    # A defended entry's non-adaptive runs are expected to look masked (that is why the
+    # adaptive ones exist); the entry is unreliable if its adaptive evaluation is.
+    trusted = [run for run in consistent if run.adaptive or run.defense is None] or consistent
+    flags = sorted({flag for run in trusted for flag in run.flags})
+    flags += _masking_flags(clean, robust_by_attack)
     return Entry(
         rank=0,
         model_id=first.model_id,
@@ -137,6 +189,9 @@ def _entry(
         robust_high=high,
         attacks=sorted(robust_by_attack),
         strongest_attack=_strongest(clean, robust_by_attack),
+        defense=first.defense,
+        robust_non_adaptive=non_adaptive,
+        unreliable=flags,
     )
 
 
@@ -148,23 +203,33 @@ def leaderboard(engine: sa.Engine, *, dataset: str | None = None) -> list[Entry]
     are ignored: only done jobs have outcomes.
     """
     runs = _done_runs(engine, dataset)
-    attacks: dict[tuple, dict[str, list[_Run]]] = defaultdict(lambda: defaultdict(list))
-    clean_runs: dict[tuple[str, str, str], _Run] = {}
+    attacks: dict[tuple, dict[tuple, list[_Run]]] = defaultdict(lambda: defaultdict(list))
+    clean_runs: dict[tuple, _Run] = {}
     for run in runs:
+        # An entry is a model behind a defense (or none): each is ranked on its own.
+        entry_key = (run.model_id, run.defense)
         if run.attack == CLEAN:
             # Ordered by id: the latest clean run of a model and subset wins.
-            clean_runs[(run.model_id, run.dataset, run.subset_key)] = run
+            clean_runs[(entry_key, run.dataset, run.subset_key)] = run
         elif run.norm is not None and run.eps is not None:
             group = (run.dataset, run.norm, run.eps, run.subset_key)
-            attacks[group][run.model_id].append(run)
+            attacks[group][entry_key].append(run)
 
     entries: list[Entry] = []
-    for group, by_model in attacks.items():
+    for group, by_entry in attacks.items():
         table = []
-        for model_id, model_runs in by_model.items():
-            clean_run = clean_runs.get((model_id, group[0], group[3]))
+        for entry_key, model_runs in by_entry.items():
+            clean_run = clean_runs.get((entry_key, group[0], group[3]))
             table.append(_entry(group, model_runs, clean_run))
-        table.sort(key=lambda e: (-e.robust_accuracy, -e.clean_accuracy, e.model, e.model_id))
+        table.sort(
+            key=lambda e: (
+                -e.robust_accuracy,
+                -e.clean_accuracy,
+                e.model,
+                e.defense or "",
+                e.model_id,
+            )
+        )
         for rank, entry in enumerate(table, start=1):
             entry.rank = rank
         entries.extend(table)

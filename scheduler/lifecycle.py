@@ -39,6 +39,8 @@ class NewJob:
     norm: str | None
     eps: float | None
     subset_key: str
+    defense: str | None = None
+    source_model_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,12 @@ def mark_enqueued(engine: sa.Engine, job_id: int, stream_id: str) -> None:
 def _model_dict(model: Model | sa.Row) -> dict[str, Any]:
     keys = ("id", "name", "arch", "dataset", "input_spec", "weights_sha256")
     return {key: getattr(model, key) for key in keys}
+
+
+def get_model(engine: sa.Engine, model_id: str) -> dict[str, Any] | None:
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(Model).where(Model.id == model_id)).first()
+    return None if row is None else _model_dict(row)
 
 
 def claim(
@@ -222,6 +230,7 @@ def finish(
         device=result.device or None,
         code_version=result.code_version or None,
         seconds=result.seconds,
+        details=result.details or None,
         error=None,
     )
     metrics = [

@@ -17,22 +17,34 @@ def leaderboard_tables(entries) -> list[Table]:
     for (dataset, norm, eps, subset), group in groupby(entries, key=key):
         group = list(group)
         attacks = sorted({a for e in group for a in e.attacks})
+        defended = any(e.defense for e in group)
         table = Table(
             title=f"{dataset} · {norm} eps={eps:.4g}",
             caption=f"subset {subset}; worst case over {', '.join(attacks)}",
         )
-        for column in ("rank", "model", "clean", "robust", "95% CI", "n", "strongest"):
+        columns = ["rank", "model", "clean", "robust", "95% CI", "n", "strongest"]
+        if defended:
+            columns.insert(4, "non-adaptive")
+        columns.append("reliable")
+        for column in columns:
             table.add_column(column, justify="right" if column in ("rank", "n") else "left")
         for e in group:
-            table.add_row(
+            name = e.model if not e.defense else f"{e.model} + {e.defense}"
+            row = [
                 str(e.rank),
-                e.model,
+                name,
                 _pct(e.clean_accuracy),
                 _pct(e.robust_accuracy),
                 f"{_pct(e.robust_low)}-{_pct(e.robust_high)}",
                 str(e.n),
                 e.strongest_attack or "-",
+            ]
+            if defended:
+                row.insert(4, _pct(e.robust_non_adaptive))
+            row.append(
+                "potentially unreliable: " + "; ".join(e.unreliable) if e.unreliable else "yes"
             )
+            table.add_row(*row)
         tables.append(table)
     return tables
 

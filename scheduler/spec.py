@@ -60,6 +60,16 @@ class JobSpec:
     kind: str = "eval"
     batch_size: int = 256
     resources: Resources = field(default_factory=Resources)
+    # A defense wrapped around the model at evaluation time, and whether attacks adapt
+    # to it (BPDA through non-differentiable parts, EOT over randomness).
+    defense: str | None = None
+    defense_params: dict = field(default_factory=dict)
+    adaptive: bool = True
+    eot_samples: int = 10
+    # Robustness curve: robust accuracy at each of these budgets, in one job.
+    eps_sweep: list = field(default_factory=list)
+    # Transfer: craft on this (surrogate) model, score on ``model_id``.
+    source_model: str | None = None
 
     @property
     def subset_key(self) -> str:
@@ -70,6 +80,17 @@ class JobSpec:
         from workers.attacks import build_attack
 
         return repr(build_attack(self.attack, self.params))
+
+    def defense_config(self) -> str | None:
+        if self.defense is None:
+            return None
+        from workers.defenses import build_defense
+
+        return repr(build_defense(self.defense, self.defense_params, None))
+
+    @property
+    def threat_label(self) -> str | None:
+        return None if self.norm is None else f"{self.norm}:{float(self.eps):g}"
 
     def validate(self) -> None:
         from workers.attacks import Threat, validate_attack
@@ -82,6 +103,17 @@ class JobSpec:
             )
         threat = None if self.norm is None else Threat(self.norm, float(self.eps))
         validate_attack(self.attack, self.params, threat)
+        for eps in self.eps_sweep:
+            validate_attack(self.attack, self.params, Threat(self.norm, float(eps)))
+        if self.defense is not None:
+            from workers.defenses import validate_defense
+
+            validate_defense(self.defense, self.defense_params)
+        if not isinstance(self.eot_samples, int) or not 1 <= self.eot_samples <= 1000:
+            raise GauntletError(
+                "Expected `eot_samples` to be an integer in [1, 1000], "
+                f"but got {self.eot_samples!r}"
+            )
 
     @property
     def key(self) -> str:
@@ -94,6 +126,15 @@ class JobSpec:
             "norm": self.norm,
             "eps": None if self.eps is None else round(float(self.eps), 10),
         }
+        # Added fields enter the key only when set, so jobs that predate them keep theirs.
+        if self.defense is not None:
+            identity["defense"] = self.defense_config()
+            identity["adaptive"] = self.adaptive
+            identity["eot"] = self.eot_samples
+        if self.eps_sweep:
+            identity["sweep"] = [round(float(e), 10) for e in self.eps_sweep]
+        if self.source_model is not None:
+            identity["source"] = self.source_model
         return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
     def to_dict(self) -> dict:

@@ -73,6 +73,8 @@ def new_jobs(specs: list[JobSpec], suite: str | None) -> list[lifecycle.NewJob]:
             norm=s.norm,
             eps=s.eps,
             subset_key=s.subset_key,
+            defense=s.defense_config(),
+            source_model_id=s.source_model,
         )
         for s in specs
     ]

@@ -7,7 +7,7 @@ on CIFAR-10. ``expand`` turns a suite into validated job specs for one model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
@@ -18,8 +18,18 @@ import yaml
 from cluster.errors import GauntletError
 from scheduler.spec import JobSpec, Resources
 
-_FIELDS = {"name", "description", "n", "seed", "eps", "resources", "batch_size", "evaluations"}
-_EVAL_FIELDS = {"attack", "norm", "eps", "params"}
+_FIELDS = {
+    "name",
+    "description",
+    "n",
+    "seed",
+    "eps",
+    "resources",
+    "batch_size",
+    "evaluations",
+    "defenses",
+}
+_EVAL_FIELDS = {"attack", "norm", "eps", "params", "eps_sweep", "eot_samples", "adaptive"}
 
 
 def _number(value: Any, what: str) -> float:
@@ -42,6 +52,9 @@ class Suite:
     resources: dict
     batch_size: int
     evaluations: list
+    # Each evaluation runs once per entry: None is the bare model, a mapping
+    # {name, params} a defense around it.
+    defenses: list = field(default_factory=lambda: [None])
 
     def budget(self, norm: str, dataset: str, override: Any = None) -> float:
         if override is not None:
@@ -64,23 +77,48 @@ class Suite:
         if max_n is not None:
             size = min(size, max_n)
         specs = []
-        for item in self.evaluations:
-            norm = item.get("norm")
-            spec = JobSpec(
-                model_id=model_id,
-                dataset=dataset,
-                attack=item["attack"],
-                params=dict(item.get("params") or {}),
-                norm=norm,
-                eps=None if norm is None else self.budget(norm, dataset, item.get("eps")),
-                n=size,
-                seed=self.seed,
-                batch_size=self.batch_size,
-                resources=Resources(**self.resources),
-            )
+        for defense in self.defenses:
+            for item in self.evaluations:
+                specs.extend(self._specs(item, defense, model_id, dataset, size))
+        for spec in specs:
             spec.validate()
-            specs.append(spec)
         return specs
+
+    def _specs(self, item: dict, defense, model_id: str, dataset: str, size: int):
+        norm = item.get("norm")
+        eps = None if norm is None else self.budget(norm, dataset, item.get("eps"))
+        # eps_sweep lists multiples of the budget, capped where the norm allows no more
+        # (Linf 1: every image), so one sweep serves every dataset.
+        cap = 1.0 if norm == "linf" else float("inf")
+        sweep = [min(cap, eps * float(m)) for m in item.get("eps_sweep") or []]
+        common = dict(
+            model_id=model_id,
+            dataset=dataset,
+            attack=item["attack"],
+            params=dict(item.get("params") or {}),
+            norm=norm,
+            eps=eps,
+            n=size,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            resources=Resources(**self.resources),
+            eps_sweep=sorted(set(sweep)),
+        )
+        if defense is None:
+            return [JobSpec(**common)]
+        name, params = defense["name"], dict(defense.get("params") or {})
+        eot = int(item.get("eot_samples", 10))
+        modes = [True]
+        if item.get("adaptive") is None and item["attack"] != "clean":
+            # Both numbers for a defended entry: a defense that only masks gradients
+            # looks robust to the plain attack and not to the adaptive one.
+            modes = [True, False]
+        elif item.get("adaptive") is not None:
+            modes = [bool(item["adaptive"])]
+        return [
+            JobSpec(**common, defense=name, defense_params=params, adaptive=mode, eot_samples=eot)
+            for mode in modes
+        ]
 
 
 def suite_names() -> list[str]:
@@ -114,7 +152,23 @@ def parse_suite(data: dict, name: str) -> Suite:
         resources=data.get("resources") or {},
         batch_size=int(data.get("batch_size", 256)),
         evaluations=evaluations,
+        defenses=_defenses(data.get("defenses"), name),
     )
+
+
+def _defenses(items, suite: str) -> list:
+    if items is None:
+        return [None]
+    parsed = []
+    for item in items:
+        if item is None or (isinstance(item, dict) and "name" in item):
+            parsed.append(item)
+        else:
+            raise GauntletError(
+                f"suite {suite!r}: each of `defenses` is null (no defense) or a mapping with "
+                f"`name` and optional `params`, but got {item!r}"
+            )
+    return parsed
 
 
 def load_suite(name: str) -> Suite:

@@ -12,6 +12,7 @@ from scheduler.suites import suite_names
 from workers.architectures import architecture_names
 from workers.attacks import ATTACKS
 from workers.datasets import dataset_names
+from workers.defenses import DEFENSES
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -37,7 +38,8 @@ def test_every_setting_is_documented():
 def test_every_registered_name_is_documented():
     # Built-ins only: tests register attacks of their own through the same registry.
     builtin = [n for n, cls in ATTACKS.items() if cls.__module__.startswith("workers.")]
-    names = [*builtin, *suite_names(), *architecture_names(), *dataset_names()]
+    defenses = [n for n, cls in DEFENSES.items() if cls.__module__.startswith("workers.")]
+    names = [*builtin, *defenses, *suite_names(), *architecture_names(), *dataset_names()]
     missing = [n for n in names if f"`{n}`" not in README]
     assert not missing, f"README lacks {missing}"
 

@@ -1,9 +1,13 @@
 """One evaluation job, start to finish, inside a worker: load, attack, measure.
 
-Everything arrives as plain data (the job spec and the model row); the result goes back
-as a ``JobResult``. Problems the submitter can fix (a corrupt file, weights that do not
-fit the architecture, a model whose input does not match the dataset) raise
+Everything arrives as plain data (the job spec and the model rows); the result goes
+back as a ``JobResult``. Problems the submitter can fix (a corrupt file, weights that
+do not fit the architecture, a model whose input does not match the dataset) raise
 ``GauntletError`` and become a permanent failure of this one job.
+
+The attack runs on the *attack surface*: the model, or for a defended model its
+adaptive stand-in (BPDA, EOT). Whether a point is robust is always judged on the
+defended model itself. For a transfer job the surface is the source (surrogate) model.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ import torch
 
 from cluster.artifacts import ArtifactStore
 from cluster.errors import GauntletError
-from workers import outcomes
-from workers.attacks import Threat, build_attack
-from workers.datasets import dataset_info, eval_subset
+from workers import outcomes, reliability
+from workers.adaptive import attack_surface
+from workers.attacks import AttackResult, Threat, build_attack
+from workers.checkpoint import Checkpoint
+from workers.datasets import dataset_info, eval_subset, load_split
+from workers.defenses import build_defense
 from workers.metrics import attack_metrics
 from workers.models import InputSpec, load_classifier
-from workers.result import JobResult
+from workers.result import JobResult, Metric
+
+# Points used for the reliability checks: enough to see masking, cheap to run.
+CHECK_POINTS = 64
 
 
 def code_version() -> str:
@@ -53,6 +63,71 @@ def check_input_matches(spec: InputSpec, dataset: str) -> None:
         )
 
 
+def load_model(model: dict, dataset: str, artifacts: str, device) -> torch.nn.Module:
+    input_spec = InputSpec.from_dict(model["input_spec"])
+    check_input_matches(input_spec, dataset)
+    weights = ArtifactStore(artifacts).get(model["weights_sha256"])
+    return load_classifier(weights, model["arch"], input_spec, device=device)
+
+
+def _judge(defended, x, x_adv, y, batch_size: int):
+    """(clean correct, robust) on the deployed model, whatever the attack ran on."""
+    clean, after = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            sl = slice(start, start + batch_size)
+            clean.append(defended(x[sl]).argmax(1) == y[sl])
+            after.append(defended(x_adv[sl]).argmax(1) == y[sl])
+    clean_t, after_t = torch.cat(clean), torch.cat(after)
+    return clean_t, clean_t & after_t
+
+
+def run_chunks(
+    attack, surface, defended, x, y, threat, *, seed, batch_size, checkpoint, progress
+) -> AttackResult:
+    """Attack in chunks of ``batch_size``, saving per-example state after each chunk."""
+    n = len(x)
+    state = checkpoint.load() if checkpoint else None
+    if state is None or int(state["done"]) > n or state["x_adv"].shape != x.shape:
+        state = {
+            "done": torch.tensor(0),
+            "x_adv": x.detach().cpu().clone(),
+            "clean": torch.zeros(n, dtype=torch.bool),
+            "robust": torch.zeros(n, dtype=torch.bool),
+            "queries": torch.zeros(n, dtype=torch.int64),
+            "grad_evals": torch.tensor(0),
+        }
+    black_box = False
+    for start in range(int(state["done"]), n, batch_size):
+        sl = slice(start, start + batch_size)
+        generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + start)
+        torch.manual_seed(seed * 1_000_003 + start)  # randomized defenses draw from here
+        part = attack(surface, x[sl], y[sl], threat, batch_size=batch_size, generator=generator)
+        clean, robust = part.clean_correct, part.robust
+        if defended is not surface or getattr(defended, "randomized", False):
+            # Judge on the deployed model with fresh randomness: an attack on a random
+            # model stops at the first lucky draw, which says little about the next one.
+            clean, robust = _judge(defended, x[sl], part.x_adv, y[sl], batch_size)
+        state["x_adv"][sl] = part.x_adv.detach().cpu()
+        state["clean"][sl], state["robust"][sl] = clean.cpu(), robust.cpu()
+        if part.queries is not None:
+            black_box = True
+            state["queries"][sl] = part.queries.cpu()
+        state["grad_evals"] = state["grad_evals"] + part.grad_evals
+        state["done"] = torch.tensor(min(start + batch_size, n))
+        if checkpoint:
+            checkpoint.save(state)
+        if progress:
+            progress(int(state["done"]), n)
+    return AttackResult(
+        x_adv=state["x_adv"].to(x.device),
+        clean_correct=state["clean"],
+        robust=state["robust"],
+        grad_evals=int(state["grad_evals"]),
+        queries=state["queries"] if black_box or attack.black_box else None,
+    )
+
+
 def evaluate(
     spec: dict,
     model: dict,
@@ -61,36 +136,92 @@ def evaluate(
     data_root: str,
     progress: Callable[[int, int], None] | None = None,
     device_label: str | None = None,
+    source_model: dict | None = None,
+    checkpoint_name: str | None = None,
 ) -> JobResult:
     start = time.perf_counter()
-    input_spec = InputSpec.from_dict(model["input_spec"])
-    check_input_matches(input_spec, spec["dataset"])
-    weights = ArtifactStore(artifacts).get(model["weights_sha256"])
     device = pick_device()
-    net = load_classifier(weights, model["arch"], input_spec, device=device)
+    net = load_model(model, spec["dataset"], artifacts, device)
+    defended = net
+    if spec.get("defense"):
+        defended = build_defense(spec["defense"], spec.get("defense_params"), net).eval()
+    surface, adaptations = attack_surface(
+        defended, adaptive=spec.get("adaptive", True), eot_samples=spec.get("eot_samples", 10)
+    )
+    if spec.get("source_model"):
+        if source_model is None:
+            raise GauntletError(f"transfer source model {spec['source_model'][:12]} is unknown")
+        surface = load_model(source_model, spec["dataset"], artifacts, device)
+        adaptations = [*adaptations, "transfer"]
 
     x, y, _ = eval_subset(spec["dataset"], spec["n"], spec["seed"], data_root)
     x, y = x.to(device), y.to(device)
+    seed = int(spec["seed"])
+    torch.manual_seed(seed)
+    flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
+
     attack = build_attack(spec["attack"], spec.get("params") or {})
     threat = None if spec.get("norm") is None else Threat(spec["norm"], float(spec["eps"]))
-    generator = torch.Generator(device=device).manual_seed(int(spec["seed"]))
-    result = attack(
-        net,
+    if attack.needs_train_data:
+        x_train, y_train = load_split(spec["dataset"], "train", data_root)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        attack.fit(surface, x_train.to(device), y_train.to(device), threat, generator)
+
+    batch_size = int(spec.get("batch_size", 256))
+    checkpoint = Checkpoint(artifacts, checkpoint_name) if checkpoint_name else None
+    result = run_chunks(
+        attack,
+        surface,
+        defended,
         x,
         y,
         threat,
-        batch_size=spec.get("batch_size", 256),
-        generator=generator,
+        seed=seed,
+        batch_size=batch_size,
+        checkpoint=checkpoint,
         progress=progress,
     )
+    metrics = attack_metrics(x, result)
+    details = {
+        "attack_config": repr(attack),
+        "grad_evals": result.grad_evals,
+        "adaptations": adaptations,
+        "flags": flags,
+    }
+    if spec.get("defense"):
+        details["defense_config"] = repr(defended)
+    sweep = sorted(float(e) for e in spec.get("eps_sweep") or [])
+    if sweep:
+        curve = []
+        for eps in sweep:
+            part = run_chunks(
+                attack,
+                surface,
+                defended,
+                x,
+                y,
+                Threat(spec["norm"], eps),
+                seed=seed,
+                batch_size=batch_size,
+                checkpoint=None,
+                progress=None,
+            )
+            k = int((part.robust & part.clean_correct).sum())
+            low, high = outcomes.wilson_interval(k, len(y))
+            metrics.append(Metric(f"robust_accuracy@{eps:g}", k / len(y), len(y), low, high))
+            curve.append(k / len(y))
+        details["curve"] = {"eps": sweep, "robust_accuracy": curve}
+        flags.extend(reliability.curve_flags(sweep, curve))
+    if checkpoint:
+        checkpoint.clear()
     return JobResult(
-        metrics=attack_metrics(x, result),
+        metrics=metrics,
         n=len(y),
         clean=outcomes.pack(result.clean_correct),
-        robust=outcomes.pack(result.robust),
+        robust=outcomes.pack(result.robust & result.clean_correct),
         worker_host=socket.gethostname(),
         device=device_label or str(device),
         code_version=code_version(),
         seconds=time.perf_counter() - start,
-        details={"attack_config": repr(attack), "grad_evals": result.grad_evals},
+        details=details,
     )

@@ -63,6 +63,8 @@ def run_job(payload: dict) -> JobResult | JobFailure:
             data_root=payload["data_root"],
             progress=progress,
             device_label=_device_label(),
+            source_model=payload.get("source_model"),
+            checkpoint_name=f"job-{payload['job_id']}" if "job_id" in payload else None,
         )
     except GauntletError as exc:
         return JobFailure(message=str(exc), permanent=True, worker_host=socket.gethostname())

@@ -1,0 +1,101 @@
+"""The defense contract: a module that wraps a classifier and says how to attack it.
+
+A defense declares two facts the robustness track needs to evaluate it honestly:
+
+- ``differentiable``: whether gradients through its transform mean anything. For one
+  that is not (JPEG, bit-depth reduction, quilting) plain gradients are zero or
+  useless, and adaptive attacks use BPDA: the transform in the forward pass, the
+  identity in the backward pass (Athalye et al. 2018).
+- ``randomized``: whether two forward passes on one input can differ. Adaptive attacks
+  then use EOT: the gradient of the expectation over the randomness.
+
+``forward`` is the defended model as deployed. For a non-differentiable transform it
+passes no gradient at all (what autograd would give for a piecewise-constant op), so a
+non-adaptive attack sees exactly the masked gradients a naive evaluation would.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from cluster.errors import GauntletError
+
+DEFENSES: dict[str, type[Defense]] = {}
+
+
+class Defense(torch.nn.Module):
+    name: ClassVar[str]
+    differentiable: ClassVar[bool] = True
+    randomized: ClassVar[bool] = False
+
+    def __init__(self, model: torch.nn.Module | None = None):
+        super().__init__()
+        self.model = model
+
+    def config(self) -> dict[str, Any]:
+        """The hyperparameters: the source of ``repr`` and part of the job key."""
+        return {}
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The input transformation, on images in [0, 1]."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError(f"{self!r} wraps no model")
+        xt = self.transform(x)
+        if not self.differentiable:
+            # No gradient flows through a non-differentiable transform; "0 * x" keeps the
+            # graph connected so attacks see zeros instead of an autograd error.
+            xt = xt.detach() + 0 * x
+        return self.model(xt)
+
+    def bpda_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Same output as ``forward``; the backward pass treats the transform as identity."""
+        xt = self.transform(x)
+        return self.model(x + (xt - x).detach())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def register_defense(cls: type[Defense]) -> type[Defense]:
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    if name in DEFENSES and DEFENSES[name] is not cls:
+        raise ValueError(f"A defense named {name!r} is already registered")
+    DEFENSES[name] = cls
+    return cls
+
+
+def _params(cls: type[Defense]) -> list[str]:
+    signature = inspect.signature(cls.__init__)
+    return [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+
+
+def build_defense(
+    name: str, params: Mapping[str, Any] | None, model: torch.nn.Module | None
+) -> Defense:
+    """The defense ``name`` with ``params`` around ``model``; GauntletError if unknown."""
+    if not isinstance(name, str) or name not in DEFENSES:
+        known = ", ".join(sorted(DEFENSES))
+        raise GauntletError(f"Unknown defense {name!r}; known defenses: {known}")
+    cls = DEFENSES[name]
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(_params(cls)))
+    if unknown:
+        raise GauntletError(
+            f"Unknown parameter(s) {', '.join(unknown)} for defense {name!r}; "
+            f"accepted parameters: {', '.join(_params(cls)) or 'none'}"
+        )
+    return cls(model, **params)
+
+
+def validate_defense(name: str, params: Mapping[str, Any] | None) -> None:
+    build_defense(name, params, None)
