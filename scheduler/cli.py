@@ -143,6 +143,24 @@ def leaderboard(ctx, dataset, as_json):
 
 
 @main.command()
+@click.option("--dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def transfer(ctx, dataset, as_json):
+    """Transferability matrix: success of examples crafted on row model against column."""
+    from scheduler.transfer import transfer_matrix
+
+    cells = transfer_matrix(_app(ctx).engine, dataset=dataset)
+    if as_json:
+        _print_json([asdict(c) for c in cells])
+    elif not cells:
+        console.print("No finished transfer evaluations yet.")
+    else:
+        for table in render.transfer_tables(cells):
+            console.print(table)
+
+
+@main.command()
 @click.option("--drain", is_flag=True, help="Exit once the queue is empty.")
 @click.option("--max-in-flight", type=int, help="Ray tasks to keep running (default 4).")
 @click.option("--local", is_flag=True, help="Run jobs in this process instead of on Ray.")

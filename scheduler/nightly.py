@@ -58,7 +58,7 @@ def nightly(
         for model in lifecycle.list_models(engine):
             report.models += 1
             for suite, n in model_suites(engine, model["id"], suites or []):
-                specs = expand_suite(suite, model["id"], model["dataset"], n)
+                specs = expand_suite(suite, model["id"], model["dataset"], n, engine=engine)
                 report.expanded += len(specs)
                 have = lifecycle.done_job_keys(engine, [s.key for s in specs])
                 missing = [s for s in specs if s.key not in have]

@@ -49,6 +49,27 @@ def leaderboard_tables(entries) -> list[Table]:
     return tables
 
 
+def transfer_tables(cells) -> list[Table]:
+    tables = []
+    key = lambda c: (c.dataset, c.norm, c.eps)  # noqa: E731
+    for (dataset, norm, eps), group in groupby(cells, key=key):
+        group = list(group)
+        sources = sorted({c.source for c in group})
+        targets = sorted({c.target for c in group})
+        rate = {(c.source, c.target): c.success_rate for c in group}
+        table = Table(
+            title=f"transfer success · {dataset} · {norm} eps={eps:.4g}",
+            caption="row: crafted on; column: evaluated on",
+        )
+        table.add_column("source \\ target")
+        for target in targets:
+            table.add_column(target, justify="right")
+        for source in sources:
+            table.add_row(source, *[_pct(rate.get((source, t))) for t in targets])
+        tables.append(table)
+    return tables
+
+
 def jobs_table(rows: list[dict]) -> Table:
     table = Table(title=f"{len(rows)} jobs")
     for column in (

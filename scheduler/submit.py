@@ -92,9 +92,24 @@ def enqueue_new(engine, queue: JobQueue) -> int:
     return count
 
 
-def expand_suite(suite_name: str, model_id: str, dataset: str, n: int | None = None):
+def expand_suite(
+    suite_name: str, model_id: str, dataset: str, n: int | None = None, engine=None
+) -> list[JobSpec]:
+    """The suite's jobs for one model; with ``engine``, also its transfer jobs.
+
+    Transfer jobs pair the model with every other model of the dataset, both ways: a
+    new model adds a row and a column to the transferability matrix, nothing else.
+    """
     suite = load_suite(suite_name)
-    return suite.expand(model_id, dataset, n=n, max_n=dataset_info(dataset).test_size)
+    max_n = dataset_info(dataset).test_size
+    specs = suite.expand(model_id, dataset, n=n, max_n=max_n)
+    if engine is not None and suite.transfer is not None:
+        for other in lifecycle.list_models(engine):
+            if other["id"] == model_id or other["dataset"] != dataset:
+                continue
+            specs += suite.transfer_specs(model_id, other["id"], dataset, n=n, max_n=max_n)
+            specs += suite.transfer_specs(other["id"], model_id, dataset, n=n, max_n=max_n)
+    return specs
 
 
 def submit(
@@ -121,7 +136,7 @@ def submit(
 
     weights_sha = ArtifactStore(settings.artifacts).put_file(path)
     model_id = model_key(weights_sha, arch, dataset, input_spec)
-    specs = expand_suite(suite, model_id, dataset, n)
+    specs = expand_suite(suite, model_id, dataset, n, engine=engine)
     display = name or path.stem
     created = lifecycle.upsert_model(
         engine,

@@ -7,7 +7,7 @@ on CIFAR-10. ``expand`` turns a suite into validated job specs for one model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from importlib import resources
 from pathlib import Path
@@ -28,6 +28,7 @@ _FIELDS = {
     "batch_size",
     "evaluations",
     "defenses",
+    "transfer",
 }
 _EVAL_FIELDS = {"attack", "norm", "eps", "params", "eps_sweep", "eot_samples", "adaptive"}
 
@@ -55,6 +56,8 @@ class Suite:
     # Each evaluation runs once per entry: None is the bare model, a mapping
     # {name, params} a defense around it.
     defenses: list = field(default_factory=lambda: [None])
+    # Transfer attacks between every pair of models of a dataset: {attack, norm, params}.
+    transfer: dict | None = None
 
     def budget(self, norm: str, dataset: str, override: Any = None) -> float:
         if override is not None:
@@ -83,6 +86,24 @@ class Suite:
         for spec in specs:
             spec.validate()
         return specs
+
+    def transfer_specs(
+        self,
+        target: str,
+        source: str,
+        dataset: str,
+        *,
+        n: int | None = None,
+        max_n: int | None = None,
+    ) -> list[JobSpec]:
+        """Examples crafted on ``source`` (a surrogate), scored on ``target``."""
+        if self.transfer is None:
+            return []
+        size = min(int(n if n is not None else self.n), max_n or 10**9)
+        (spec,) = self._specs(self.transfer, None, target, dataset, size)
+        spec = replace(spec, source_model=source)
+        spec.validate()
+        return [spec]
 
     def _specs(self, item: dict, defense, model_id: str, dataset: str, size: int):
         norm = item.get("norm")
@@ -153,7 +174,19 @@ def parse_suite(data: dict, name: str) -> Suite:
         batch_size=int(data.get("batch_size", 256)),
         evaluations=evaluations,
         defenses=_defenses(data.get("defenses"), name),
+        transfer=_transfer(data.get("transfer"), name),
     )
+
+
+def _transfer(item, suite: str) -> dict | None:
+    if item is None:
+        return None
+    if not isinstance(item, dict) or "attack" not in item or "norm" not in item:
+        raise GauntletError(
+            f"suite {suite!r}: `transfer` is a mapping with `attack`, `norm` and optional "
+            f"`params`, but got {item!r}"
+        )
+    return item
 
 
 def _defenses(items, suite: str) -> list:

@@ -305,7 +305,8 @@ def test_registry_and_repr():
 
 
 def test_build_attack_errors():
-    with pytest.raises(GauntletError, match=r"Unknown attack 'cw'; known attacks: (.*, )?clean, (.*, )?fgsm"):
+    known = r"Unknown attack 'cw'; known attacks: (.*, )?clean, (.*, )?fgsm"
+    with pytest.raises(GauntletError, match=known):
         build_attack("cw")
     with pytest.raises(GauntletError, match=r"Unknown parameter\(s\) stepz .*accepted.*steps"):
         build_attack("pgd", {"stepz": 3})

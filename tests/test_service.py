@@ -250,3 +250,28 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
     with Lease(app.redis, "nightly", 60_000, prefix=prefix):
         with pytest.raises(GauntletError, match="holds the lease"):
             nightly(app.engine, app.queue, app.redis, prefix=prefix, suites=["quick"])
+
+
+def test_transfer_matrix_gets_a_row_and_a_column_per_new_model(tmp_path, digits_models):
+    from scheduler.transfer import transfer_matrix
+
+    suite = tmp_path / "transfer.yaml"
+    suite.write_text(
+        "n: 60\neps: {linf: {default: 0.2}}\nevaluations:\n  - attack: clean\n"
+        "transfer: {attack: pgd, norm: linf, params: {steps: 10}}\n"
+    )
+    app = make_app(tmp_path / "home")
+    first = submit_digits(app, digits_models["standard"], suite=str(suite), name="a")
+    assert first.new_jobs == 1  # alone on its dataset: nothing to transfer from or to
+    second = submit_digits(app, digits_models["robust"], suite=str(suite), name="b")
+    assert second.new_jobs == 3  # its clean job, a -> b and b -> a
+    _drain(app, LocalExecutor())
+    cells = {(c.source, c.target): c for c in transfer_matrix(app.engine, dataset="digits")}
+    assert set(cells) == {("a", "b"), ("b", "a")}
+    for cell in cells.values():
+        assert 0 <= cell.low <= cell.success_rate <= cell.high <= 1
+    # Examples crafted on the standard model rarely fool the adversarially trained one.
+    assert cells[("a", "b")].success_rate < cells[("b", "a")].success_rate
+    # Nightly finds every pair already evaluated.
+    report = nightly(app.engine, app.queue, app.redis, prefix=app.settings.redis_prefix)
+    assert report.new_jobs == 0

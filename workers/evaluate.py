@@ -190,6 +190,8 @@ def evaluate(
     }
     if spec.get("defense"):
         details["defense_config"] = repr(defended)
+    if getattr(attack, "breakdown", None):
+        details["breakdown"] = dict(attack.breakdown)  # points each ensemble member broke
     sweep = sorted(float(e) for e in spec.get("eps_sweep") or [])
     if sweep:
         curve = []

@@ -218,7 +218,10 @@ class Attack:
                 x_adv[idx] = self._enforce_threat(out.x_adv.detach(), x[idx], threat)
                 robust[idx] = ~out.fooled
                 active_per_step.extend(out.active_per_step)
-                if queries is not None and out.queries is not None:
+                if out.queries is not None:
+                    # Ensembles with a black-box member report queries too.
+                    if queries is None:
+                        queries = torch.zeros(n, dtype=torch.int64, device=x.device)
                     queries[idx] = out.queries.to(queries.device, torch.int64)
             if progress is not None:
                 progress(min(start + batch_size, n), n)

@@ -1,0 +1,62 @@
+"""The transferability matrix: how often examples crafted on one model fool another.
+
+Row = source (the surrogate the examples were crafted on), column = target. Each cell
+is the success rate (fooled / attacked, among points the target classifies correctly)
+of the latest finished transfer job for that pair and threat (Liu et al. 2017).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+from db.schema import Job, JobStatus, MetricRow, Model
+
+
+@dataclass
+class Cell:
+    dataset: str
+    norm: str
+    eps: float
+    source_id: str
+    source: str
+    target_id: str
+    target: str
+    success_rate: float
+    n: int
+    low: float | None
+    high: float | None
+
+
+def transfer_matrix(engine: sa.Engine, *, dataset: str | None = None) -> list[Cell]:
+    source = sa.orm.aliased(Model)
+    stmt = (
+        sa.select(
+            Job.dataset,
+            Job.norm,
+            Job.eps,
+            source.id,
+            source.name,
+            Model.id,
+            Model.name,
+            MetricRow.value,
+            MetricRow.n,
+            MetricRow.ci_low,
+            MetricRow.ci_high,
+        )
+        .join(Model, Model.id == Job.model_id)
+        .join(source, source.id == Job.source_model_id)
+        .join(MetricRow, sa.and_(MetricRow.job_id == Job.id, MetricRow.name == "success_rate"))
+        .where(Job.status == JobStatus.done, Job.defense.is_(None))
+        .order_by(Job.id)
+    )
+    if dataset is not None:
+        stmt = stmt.where(Job.dataset == dataset)
+    cells: dict[tuple, Cell] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(stmt):
+            cell = Cell(*row)
+            # Ordered by id: a later run of the same pair replaces an earlier one.
+            cells[(cell.dataset, cell.norm, cell.eps, cell.source_id, cell.target_id)] = cell
+    return sorted(cells.values(), key=lambda c: (c.dataset, c.norm, c.eps, c.source, c.target))

@@ -1,0 +1,200 @@
+"""Targeted FAB (Croce & Hein 2020): the fast adaptive boundary attack, FAB-T.
+
+FAB looks for the smallest perturbation that changes the decision: it linearises the
+boundary between the true class and a target class, steps onto it (a little past it),
+and biases each step back towards the clean input so the point found stays close.
+After each success it steps back towards the clean input and tries again, closer.
+Unlike the loss-based attacks it needs no step size, and it is not fooled by a loss
+whose gradient vanishes, which makes it a useful member of the AutoAttack ensemble.
+
+For a robustness evaluation a point only counts as fooled within eps: an example leaves
+the active batch once it has an adversarial point inside the ball.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.errors import GauntletError
+from workers.attacks.base import Attack, RunOutput, Threat, expect_float, expect_int, expect_norm
+from workers.attacks.norms import get_norm
+from workers.attacks.registry import register_attack
+
+_TINY = 1e-12
+
+
+def box_hyperplane_projection(
+    t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str
+) -> torch.Tensor:
+    """The smallest ``d`` (in ``norm``, "linf" or "l2") with w.(t + d) = b and t + d in [0, 1].
+
+    Rows are independent problems: t, w (n, k), b (n,). Where the box cannot reach the
+    hyperplane, ``d`` goes to the box corner that gets closest.
+
+    Moving each coordinate only in the helpful direction, by at most its room to the
+    box's face, the optimum is d_i = min(lam * q_i, room_i) (in that direction) with
+    q_i = 1 for Linf (every coordinate moves by lam until it hits the box) and
+    q_i = |w_i| for L2 (the KKT conditions: d proportional to w, clipped). The progress
+    sum_i |w_i| d_i is piecewise linear and increasing in lam, with a kink where each
+    coordinate saturates: sort the kinks, find the segment that reaches b, solve on it.
+    """
+    gap = b - (w * t).sum(dim=1)
+    # Orient each hyperplane so that the progress needed is positive.
+    w = w * gap.sign()[:, None]
+    gap = gap.abs()
+    aw = w.abs()
+    room = torch.where(w > 0, 1 - t, t)
+    q = torch.ones_like(aw) if norm == "linf" else aw
+    kink = torch.where(q > 0, room / q.clamp_min(_TINY), torch.zeros_like(q))
+    kink, order = kink.sort(dim=1)
+    aw_s, q_s, room_s = aw.gather(1, order), q.gather(1, order), room.gather(1, order)
+    # At the k-th kink the first k+1 coordinates are saturated (progress `full`), the
+    # others move at rate `slope` per unit of lam.
+    full = (aw_s * room_s).cumsum(dim=1)
+    rate = aw_s * q_s
+    slope = rate.sum(dim=1, keepdim=True) - rate.cumsum(dim=1)
+    progress = full + kink * slope
+    k = (progress < gap[:, None]).sum(dim=1, keepdim=True)  # kinks passed before b
+    feasible = k.squeeze(1) < progress.shape[1]
+    prev = (k - 1).clamp_min(0)
+    full_before = torch.where(k > 0, full.gather(1, prev), torch.zeros_like(gap[:, None]))
+    slope_before = torch.where(k > 0, slope.gather(1, prev), rate.sum(dim=1, keepdim=True))
+    lam = (gap[:, None] - full_before) / slope_before.clamp_min(_TINY)
+    # Unreachable: a lam past the last kink saturates every coordinate (the corner).
+    lam = torch.where(feasible[:, None], lam, kink[:, -1:])
+    return w.sign() * torch.minimum(lam * q, room)
+
+
+def _distance(norm: str, d: torch.Tensor) -> torch.Tensor:
+    """Per-row norms of a flat (n, k) tensor."""
+    return d.abs().amax(dim=1) if norm == "linf" else d.norm(dim=1)
+
+
+@register_attack
+class FABT(Attack):
+    """Targeted FAB against each of the ``n_target_classes`` most likely wrong classes.
+
+    The defaults are the AutoAttack "standard" configuration. ``alpha_max`` caps the
+    bias towards the clean input, ``eta`` overshoots the linearised boundary, ``beta``
+    is the step back towards the clean input after a success. Restarts after the first
+    start at random in half the ball (the first starts at the clean input).
+    """
+
+    name = "fab-t"
+
+    def __init__(
+        self,
+        *,
+        norm: str | None = None,
+        steps: int = 100,
+        restarts: int = 1,
+        n_target_classes: int = 9,
+        alpha_max: float = 0.1,
+        eta: float = 1.05,
+        beta: float = 0.9,
+    ) -> None:
+        self.norm = expect_norm("norm", norm)
+        self.steps = expect_int("steps", steps, 1, 10_000)
+        self.restarts = expect_int("restarts", restarts, 1, 100)
+        self.n_target_classes = expect_int("n_target_classes", n_target_classes, 1, 1000)
+        self.alpha_max = expect_float("alpha_max", alpha_max, 0.0, 1.0)
+        self.eta = expect_float("eta", eta, 0.0, 10.0)
+        if self.eta < 1.0:
+            # Stopping short of the linearised boundary would never cross it.
+            raise GauntletError(f"Expected `eta` to be a float in [1, 10], but got {eta!r}")
+        self.beta = expect_float("beta", beta, 0.0, 1.0)
+
+    def config(self) -> dict:
+        return {
+            "norm": self.norm,
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "n_target_classes": self.n_target_classes,
+            "alpha_max": self.alpha_max,
+            "eta": self.eta,
+            "beta": self.beta,
+        }
+
+    def check(self, threat: Threat | None) -> None:
+        if threat is not None and self.norm is not None and threat.norm != self.norm:
+            raise GauntletError(
+                f"{self!r} attacks the {self.norm} norm, but the threat is {threat.norm}"
+            )
+
+    def run(self, model, x, y, threat, generator) -> RunOutput:
+        assert threat is not None  # the base checked it
+        x_adv = x.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        active_per_step: list[int] = []
+        with torch.no_grad():
+            ranked = model(x).argsort(dim=1, descending=True)
+        idx = torch.arange(len(x), device=x.device)  # points still robust
+        # Rank 0 is the true class (run() only sees correctly classified points).
+        for rank in range(1, min(self.n_target_classes, ranked.shape[1] - 1) + 1):
+            for restart in range(self.restarts):
+                if not len(idx):
+                    break
+                idx = self._attack(
+                    model, x, y, ranked[:, rank], idx, threat, restart > 0, generator,
+                    x_adv, fooled, active_per_step,
+                )  # fmt: skip
+        if fooled.any():
+            # FAB lands just past the boundary, where logits can tie to the last bit and a
+            # different batch may round the other way. Re-check every success once, on the
+            # point as the base will return it; one that fails does not count.
+            x_adv = get_norm(threat.norm).project(x_adv, x, threat.eps).clamp_(0.0, 1.0)
+            with torch.no_grad():
+                fooled &= model(x_adv).argmax(dim=1) != y
+        return RunOutput(x_adv, fooled, active_per_step)
+
+    def _attack(
+        self, model, x, y, target, idx, threat, random_start, generator, x_adv, fooled, active
+    ) -> torch.Tensor:
+        """One FAB run towards ``target`` on ``x[idx]``; returns the ``idx`` still robust."""
+        norm, eps = get_norm(threat.norm), threat.eps
+        x0, y0, t0 = x[idx], y[idx], target[idx]
+        xa = x0.clone()
+        if random_start:
+            xa = norm.random_start(x0, eps / 2, generator).clamp_(0.0, 1.0)
+        rows = torch.arange(len(idx), device=x.device)
+        for _ in range(self.steps):
+            xa = xa.detach().requires_grad_(True)
+            logits = model(xa)
+            # The target's margin over the true class: the boundary is where it is 0.
+            margin = logits[rows, t0] - logits[rows, y0]
+            (grad,) = torch.autograd.grad(margin.sum(), xa)
+            active.append(len(idx))
+            xa, margin = xa.detach().flatten(1), margin.detach()
+            w = grad.flatten(1)
+            b = (w * xa).sum(dim=1) - margin
+            # Project the current point and the clean point onto the linearised boundary.
+            d = box_hyperplane_projection(
+                torch.cat((xa, x0.flatten(1))), torch.cat((w, w)), torch.cat((b, b)), norm.name
+            )
+            d_cur, d_clean = d.chunk(2)
+            dist_cur = _distance(norm.name, d_cur).clamp_min(1e-8)
+            dist_clean = _distance(norm.name, d_clean).clamp_min(1e-8)
+            # The further the current point is from the boundary relative to the clean
+            # point, the more the step leans towards the clean point's projection.
+            alpha = (dist_cur / (dist_cur + dist_clean)).clamp(0.0, self.alpha_max)[:, None]
+            xa = (1 - alpha) * (xa + self.eta * d_cur) + alpha * (
+                x0.flatten(1) + self.eta * d_clean
+            )
+            xa = xa.clamp(0.0, 1.0).view_as(x0)
+            with torch.no_grad():
+                wrong = model(xa).argmax(dim=1) != y0
+            dist = norm.distance(xa, x0)
+            # Inside the ball: done. The check runs on exactly the point we return.
+            done = wrong & (dist <= eps)
+            if done.any():
+                x_adv[idx[done]] = xa[done]
+                fooled[idx[done]] = True
+                keep = ~done
+                idx, x0, y0, t0, xa, wrong = (v[keep] for v in (idx, x0, y0, t0, xa, wrong))
+                rows = torch.arange(len(idx), device=x.device)
+                if not len(idx):
+                    break
+            # Adversarial but too far: step back towards the clean input and go again.
+            back = x0 + self.beta * (xa - x0)
+            xa = torch.where(wrong.view(-1, *([1] * (x0.dim() - 1))), back, xa)
+        return idx

@@ -1,0 +1,154 @@
+"""Universal adversarial perturbations (Moosavi-Dezfooli et al. 2017): one delta for all.
+
+``fit`` learns a single perturbation from training points; the evaluation then adds it
+to every test point, unchanged, so the number measures an input-agnostic weakness of
+the model, not a per-example search. We use the stochastic-gradient form of the search
+(as in universal adversarial training, Shafahi et al. 2020): ascend the mean loss over
+minibatches of training points with respect to the one delta, projecting onto the ball
+after every step. It needs no inner per-example attack and batches well.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.errors import GauntletError
+from workers.attacks.base import (
+    Attack,
+    RunOutput,
+    Threat,
+    check_threat,
+    expect_float,
+    expect_int,
+)
+from workers.attacks.norms import get_norm
+from workers.attacks.registry import register_attack
+from workers.attacks.square import margin
+
+# Minibatch of training points per step: small enough for many steps per epoch on a
+# few hundred points, large enough for the mean gradient to generalise.
+_FIT_BATCH = 32
+# The loss saturates at this margin: a point fooled by that much already adds no
+# gradient, so the steps serve the points still classified correctly (the role of the
+# original algorithm's "only points not yet fooled"), while a small cushion helps the
+# perturbation carry over to unseen points.
+_KAPPA = 2.0
+# Points per forward pass when only predictions are needed.
+_SCAN = 1024
+
+
+def fit_points_subset(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, count: int, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``count`` random training points the model classifies correctly.
+
+    Points the model gets wrong are fooled with or without a perturbation: fitting on
+    them would only dilute the gradient. Scans a random order in chunks and stops once
+    it has enough, so a large training split costs little more than ``count`` forwards.
+    """
+    order = torch.randperm(len(x), generator=generator, device=generator.device).to(x.device)
+    chosen: list[torch.Tensor] = []
+    found = 0
+    with torch.no_grad():
+        for start in range(0, len(x), _SCAN):
+            part = order[start : start + _SCAN]
+            part = part[model(x[part]).argmax(dim=1) == y[part]][: count - found]
+            chosen.append(part)
+            found += len(part)
+            if found == count:
+                break
+    picked = torch.cat(chosen)
+    return x[picked].detach(), y[picked]
+
+
+@register_attack
+class Universal(Attack):
+    """One perturbation, fitted on ``fit_points`` training points for ``epochs`` epochs.
+
+    Each step moves delta by ``rel_stepsize * eps`` along the sign (Linf) or the
+    normalised gradient (L2) of the mean hinged margin loss on a minibatch. The delta kept
+    is the one fooling the most fitting points at the end of an epoch. ``run`` only adds
+    it: one forward per point, no queries of the evaluated points before that.
+    """
+
+    name = "universal"
+    needs_train_data = True
+
+    def __init__(
+        self, *, fit_points: int = 500, epochs: int = 10, rel_stepsize: float = 0.05
+    ) -> None:
+        self.fit_points = expect_int("fit_points", fit_points, 1, 1_000_000)
+        self.epochs = expect_int("epochs", epochs, 1, 10_000)
+        self.rel_stepsize = expect_float("rel_stepsize", rel_stepsize, 0.0, 10.0)
+        # The fitted perturbation (1, C, H, W) and the threat it was fitted for.
+        self.delta: torch.Tensor | None = None
+        self.fitted_threat: Threat | None = None
+
+    def config(self) -> dict:
+        return {
+            "fit_points": self.fit_points,
+            "epochs": self.epochs,
+            "rel_stepsize": self.rel_stepsize,
+        }
+
+    def fit(self, model, x, y, threat, generator) -> None:
+        if threat is None:
+            raise GauntletError(f"The {self.name!r} attack needs a threat (norm and eps)")
+        check_threat(threat)
+        norm, eps = get_norm(threat.norm), threat.eps
+        was_training = model.training
+        model.eval()
+        try:
+            xs, ys = fit_points_subset(model, x, y, self.fit_points, generator)
+            if not len(xs):
+                raise GauntletError("The model gets every training point wrong: nothing to fit")
+            delta = torch.zeros_like(xs[:1])
+            best, best_fooled = delta.clone(), -1
+            for _ in range(self.epochs):
+                order = torch.randperm(len(xs), generator=generator, device=generator.device)
+                order = order.to(xs.device)
+                for start in range(0, len(xs), _FIT_BATCH):
+                    batch = order[start : start + _FIT_BATCH]
+                    delta = delta.detach().requires_grad_(True)
+                    logits = model((xs[batch] + delta).clamp(0.0, 1.0))
+                    loss = (-margin(logits, ys[batch])).clamp(max=_KAPPA).mean()
+                    (grad,) = torch.autograd.grad(loss, delta)
+                    step = self.rel_stepsize * eps * norm.normalise(grad)
+                    delta = norm.project(delta.detach() + step, torch.zeros_like(delta), eps)
+                fooled = int((~self._correct(model, xs, ys, delta)).sum())
+                if fooled > best_fooled:
+                    best, best_fooled = delta.detach().clone(), fooled
+        finally:
+            model.train(was_training)
+        self.delta, self.fitted_threat = best, threat
+
+    @staticmethod
+    @torch.no_grad()
+    def _correct(model, x, y, delta) -> torch.Tensor:
+        parts = [
+            model((x[i : i + _SCAN] + delta).clamp(0.0, 1.0)).argmax(dim=1) == y[i : i + _SCAN]
+            for i in range(0, len(x), _SCAN)
+        ]
+        return torch.cat(parts)
+
+    def __call__(self, model, x, y, threat, **kwargs):
+        if self.delta is None:
+            raise GauntletError(f"{self!r} must be fitted on training data before it is run")
+        if threat is not None and threat != self.fitted_threat:
+            raise GauntletError(
+                f"{self!r} was fitted for {self.fitted_threat}, but the threat is {threat}"
+            )
+        if tuple(self.delta.shape[1:]) != tuple(x.shape[1:]):
+            raise GauntletError(
+                f"{self!r} was fitted on images of shape {tuple(self.delta.shape[1:])}, "
+                f"but got {tuple(x.shape[1:])}"
+            )
+        return super().__call__(model, x, y, threat, **kwargs)
+
+    @torch.no_grad()
+    def run(self, model, x, y, threat, generator) -> RunOutput:
+        assert self.delta is not None  # __call__ checked it
+        # Clipping to [0, 1] moves each pixel towards x, so the result stays in the ball.
+        x_adv = (x + self.delta.to(x.device, x.dtype)).clamp(0.0, 1.0)
+        fooled = model(x_adv).argmax(dim=1) != y
+        return RunOutput(x_adv, fooled)
