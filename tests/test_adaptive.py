@@ -70,10 +70,15 @@ def test_bpda_breaks_a_non_differentiable_defense_that_plain_pgd_cannot(stored, 
 
 def test_eot_attacks_a_randomized_defense(stored):
     params = {"sigma": 0.15}
-    plain = _run(stored, defense="gaussian-noise", defense_params=params, adaptive=False,
-                 eps=0.1)
-    eot = _run(stored, defense="gaussian-noise", defense_params=params, adaptive=True,
-               eot_samples=8, eps=0.1)
+    plain = _run(stored, defense="gaussian-noise", defense_params=params, adaptive=False, eps=0.1)
+    eot = _run(
+        stored,
+        defense="gaussian-noise",
+        defense_params=params,
+        adaptive=True,
+        eot_samples=8,
+        eps=0.1,
+    )
     assert _metric(plain, "clean_accuracy") > 0.8  # the defense keeps the model usable
     assert any("randomized output" in f for f in plain.details["flags"])
     assert eot.details["adaptations"] == ["eot-8"]
