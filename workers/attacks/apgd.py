@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, Threat, expect_float, expect_int, expect_norm
+from workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
 from workers.attacks.losses import cross_entropy, dlr, targeted_dlr
 from workers.attacks.norms import Norm, get_norm
 from workers.attacks.registry import register_attack
@@ -192,12 +192,6 @@ class _APGDBase(Attack):
 
     def config(self) -> dict:
         return {"norm": self.norm, "steps": self.steps, "restarts": self.restarts, "rho": self.rho}
-
-    def check(self, threat: Threat | None) -> None:
-        if threat is not None and self.norm is not None and threat.norm != self.norm:
-            raise GauntletError(
-                f"{self!r} attacks the {self.norm} norm, but the threat is {threat.norm}"
-            )
 
     def _restarts(self, model, loss_fn, x, y, idx, threat, generator, out, target=None):
         """Restarts on the points of ``idx`` still robust; returns those that stay so."""

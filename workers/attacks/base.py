@@ -137,7 +137,16 @@ class Attack:
         return {}
 
     def check(self, threat: Threat | None) -> None:
-        """Attack-specific threat checks (e.g. a fixed norm); GauntletError if unfit."""
+        """Attack-specific threat checks; GauntletError if unfit.
+
+        By default: an attack configured for one norm (a ``norm`` attribute that is not
+        None) refuses a threat in another.
+        """
+        norm = getattr(self, "norm", None)
+        if threat is not None and norm is not None and threat.norm != norm:
+            raise GauntletError(
+                f"{self!r} attacks the {norm} norm, but the threat is {threat.norm}"
+            )
 
     def run(
         self,

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, Threat, expect_int, expect_norm
+from workers.attacks.base import Attack, RunOutput, expect_int, expect_norm
 from workers.attacks.norms import get_norm
 from workers.attacks.registry import register_attack
 from workers.attacks.targets import expect_range
@@ -63,12 +62,6 @@ class DeepFool(Attack):
             "overshoot": self.overshoot,
             "candidates": self.candidates,
         }
-
-    def check(self, threat: Threat | None) -> None:
-        if threat is not None and self.norm is not None and threat.norm != self.norm:
-            raise GauntletError(
-                f"{self!r} attacks the {self.norm} norm, but the threat is {threat.norm}"
-            )
 
     def minimal(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, Threat, expect_float, expect_int, expect_norm
+from workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
 from workers.attacks.norms import get_norm
 from workers.attacks.registry import register_attack
 
@@ -114,12 +114,6 @@ class FABT(Attack):
             "eta": self.eta,
             "beta": self.beta,
         }
-
-    def check(self, threat: Threat | None) -> None:
-        if threat is not None and self.norm is not None and threat.norm != self.norm:
-            raise GauntletError(
-                f"{self!r} attacks the {self.norm} norm, but the threat is {threat.norm}"
-            )
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it

@@ -15,7 +15,6 @@ from cluster.errors import GauntletError
 from workers.attacks.base import (
     Attack,
     RunOutput,
-    Threat,
     expect_bool,
     expect_float,
     expect_int,
@@ -66,12 +65,6 @@ class PGD(Attack):
             "restarts": self.restarts,
             "random_start": self.random_start,
         }
-
-    def check(self, threat: Threat | None) -> None:
-        if threat is not None and self.norm is not None and threat.norm != self.norm:
-            raise GauntletError(
-                f"{self!r} attacks the {self.norm} norm, but the threat is {threat.norm}"
-            )
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it
