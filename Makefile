@@ -28,6 +28,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/attacks.py
+	$(BIN)/python bench/whitebox.py
+	$(BIN)/python bench/autoattack.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
