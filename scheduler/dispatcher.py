@@ -126,6 +126,12 @@ class Dispatcher:
         payload = dict(self.payload_base, job_id=claim.job_id, spec=spec, model=claim.model)
         if spec.get("source_model"):
             payload["source_model"] = lifecycle.get_model(self.engine, spec["source_model"])
+        if spec.get("source_ensemble"):
+            payload["source_models"] = [
+                m
+                for m in (lifecycle.get_model(self.engine, i) for i in spec["source_ensemble"])
+                if m is not None
+            ]
         if self.progress_prefix:
             payload["progress_key"] = f"{self.progress_prefix}:progress:{claim.job_id}"
         handle = self.executor.submit(claim.job_id, payload, num_gpus, resources.get("memory_mb"))

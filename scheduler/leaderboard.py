@@ -70,7 +70,9 @@ class _Run:
 
     @property
     def label(self) -> str:
-        return "transfer" if self.source_model_id else self.attack
+        if not self.source_model_id:
+            return self.attack
+        return "transfer-ensemble" if self.source_model_id.startswith("ensemble:") else "transfer"
 
     @property
     def adaptive(self) -> bool:
@@ -125,7 +127,7 @@ def _is_black_box(attack: str) -> bool:
     from workers.attacks import ATTACKS
 
     cls = ATTACKS.get(attack)
-    return attack == "transfer" or bool(cls and cls.black_box)
+    return attack.startswith("transfer") or bool(cls and cls.black_box)
 
 
 def _masking_flags(clean: np.ndarray, robust_by_attack: dict[str, np.ndarray]) -> list[str]:

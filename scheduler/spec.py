@@ -68,8 +68,10 @@ class JobSpec:
     eot_samples: int = 10
     # Robustness curve: robust accuracy at each of these budgets, in one job.
     eps_sweep: list = field(default_factory=list)
-    # Transfer: craft on this (surrogate) model, score on ``model_id``.
+    # Transfer: craft on this (surrogate) model, score on ``model_id``; or craft on an
+    # ensemble of surrogates (their mean logits, Liu et al. 2017).
     source_model: str | None = None
+    source_ensemble: list = field(default_factory=list)
 
     @property
     def subset_key(self) -> str:
@@ -89,8 +91,11 @@ class JobSpec:
         return repr(build_defense(self.defense, self.defense_params, None))
 
     @property
-    def threat_label(self) -> str | None:
-        return None if self.norm is None else f"{self.norm}:{float(self.eps):g}"
+    def source_label(self) -> str | None:
+        """What the jobs table records as the transfer source."""
+        if self.source_ensemble:
+            return f"ensemble:{len(self.source_ensemble)}"
+        return self.source_model
 
     def validate(self) -> None:
         from workers.attacks import Threat, validate_attack
@@ -135,6 +140,8 @@ class JobSpec:
             identity["sweep"] = [round(float(e), 10) for e in self.eps_sweep]
         if self.source_model is not None:
             identity["source"] = self.source_model
+        if self.source_ensemble:
+            identity["sources"] = sorted(self.source_ensemble)
         return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
     def to_dict(self) -> dict:

@@ -74,7 +74,7 @@ def new_jobs(specs: list[JobSpec], suite: str | None) -> list[lifecycle.NewJob]:
             eps=s.eps,
             subset_key=s.subset_key,
             defense=s.defense_config(),
-            source_model_id=s.source_model,
+            source_model_id=s.source_label,
         )
         for s in specs
     ]
@@ -104,11 +104,16 @@ def expand_suite(
     max_n = dataset_info(dataset).test_size
     specs = suite.expand(model_id, dataset, n=n, max_n=max_n)
     if engine is not None and suite.transfer is not None:
-        for other in lifecycle.list_models(engine):
-            if other["id"] == model_id or other["dataset"] != dataset:
-                continue
-            specs += suite.transfer_specs(model_id, other["id"], dataset, n=n, max_n=max_n)
-            specs += suite.transfer_specs(other["id"], model_id, dataset, n=n, max_n=max_n)
+        others = [
+            m["id"]
+            for m in lifecycle.list_models(engine)
+            if m["id"] != model_id and m["dataset"] == dataset
+        ]
+        for other in others:
+            specs += suite.transfer_specs(model_id, other, dataset, n=n, max_n=max_n)
+            specs += suite.transfer_specs(other, model_id, dataset, n=n, max_n=max_n)
+        if suite.transfer.get("ensemble") and len(others) >= 2:
+            specs += suite.transfer_specs(model_id, others, dataset, n=n, max_n=max_n)
     return specs
 
 

@@ -90,7 +90,7 @@ class Suite:
     def transfer_specs(
         self,
         target: str,
-        source: str,
+        source: str | list[str],
         dataset: str,
         *,
         n: int | None = None,
@@ -100,8 +100,12 @@ class Suite:
         if self.transfer is None:
             return []
         size = min(int(n if n is not None else self.n), max_n or 10**9)
-        (spec,) = self._specs(self.transfer, None, target, dataset, size)
-        spec = replace(spec, source_model=source)
+        item = {k: v for k, v in self.transfer.items() if k != "ensemble"}
+        (spec,) = self._specs(item, None, target, dataset, size)
+        if isinstance(source, list):
+            spec = replace(spec, source_ensemble=sorted(source))
+        else:
+            spec = replace(spec, source_model=source)
         spec.validate()
         return [spec]
 

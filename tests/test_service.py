@@ -275,3 +275,28 @@ def test_transfer_matrix_gets_a_row_and_a_column_per_new_model(tmp_path, digits_
     # Nightly finds every pair already evaluated.
     report = nightly(app.engine, app.queue, app.redis, prefix=app.settings.redis_prefix)
     assert report.new_jobs == 0
+
+
+def test_transfer_from_an_ensemble_of_surrogates(tmp_path, digits_models):
+    suite = tmp_path / "ensemble.yaml"
+    suite.write_text(
+        "n: 40\neps: {linf: {default: 0.2}}\nevaluations:\n  - attack: clean\n"
+        "transfer: {attack: pgd, norm: linf, params: {steps: 5}, ensemble: true}\n"
+    )
+    app = make_app(tmp_path / "home")
+    submit_digits(app, digits_models["standard"], suite=str(suite), name="a")
+    submit_digits(app, digits_models["robust"], suite=str(suite), name="b")
+    # A third model (the robust weights behind a slightly different normalisation).
+    third = submit_digits(
+        app, digits_models["robust"], suite=str(suite), name="c", input_overrides={"mean": (0.01,)}
+    )
+    # Its clean job, two pairs both ways, and one ensemble of the two earlier models.
+    assert third.new_jobs == 1 + 4 + 1
+    _drain(app, LocalExecutor())
+    rows = [r for r in lifecycle.list_jobs(app.engine) if r["source_model_id"]]
+    (ensemble,) = [r for r in rows if r["source_model_id"] == "ensemble:2"]
+    assert _status(ensemble) == "done" and ensemble["model"] == "c"
+    job = lifecycle.get_job(app.engine, ensemble["id"])
+    assert "transfer-ensemble-2" in job["details"]["adaptations"]
+    (entry,) = [e for e in leaderboard(app.engine) if e.model == "c"]
+    assert {"transfer", "transfer-ensemble"} <= set(entry.attacks)

@@ -70,6 +70,17 @@ def load_model(model: dict, dataset: str, artifacts: str, device) -> torch.nn.Mo
     return load_classifier(weights, model["arch"], input_spec, device=device)
 
 
+class SurrogateEnsemble(torch.nn.Module):
+    """Several surrogates as one model: their mean logits (Liu et al. 2017)."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
 def _judge(defended, x, x_adv, y, batch_size: int):
     """(clean correct, robust) on the deployed model, whatever the attack ran on."""
     clean, after = [], []
@@ -137,6 +148,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     device_label: str | None = None,
     source_model: dict | None = None,
+    source_models: list[dict] | None = None,
     checkpoint_name: str | None = None,
 ) -> JobResult:
     start = time.perf_counter()
@@ -153,6 +165,13 @@ def evaluate(
             raise GauntletError(f"transfer source model {spec['source_model'][:12]} is unknown")
         surface = load_model(source_model, spec["dataset"], artifacts, device)
         adaptations = [*adaptations, "transfer"]
+    if spec.get("source_ensemble"):
+        if not source_models or len(source_models) != len(spec["source_ensemble"]):
+            raise GauntletError("a surrogate model of this transfer ensemble is unknown")
+        surface = SurrogateEnsemble(
+            [load_model(m, spec["dataset"], artifacts, device) for m in source_models]
+        )
+        adaptations = [*adaptations, f"transfer-ensemble-{len(source_models)}"]
 
     x, y, _ = eval_subset(spec["dataset"], spec["n"], spec["seed"], data_root)
     x, y = x.to(device), y.to(device)

@@ -64,6 +64,7 @@ def run_job(payload: dict) -> JobResult | JobFailure:
             progress=progress,
             device_label=_device_label(),
             source_model=payload.get("source_model"),
+            source_models=payload.get("source_models"),
             checkpoint_name=f"job-{payload['job_id']}" if "job_id" in payload else None,
         )
     except GauntletError as exc:
