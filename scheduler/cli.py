@@ -146,6 +146,23 @@ def leaderboard(ctx, dataset, as_json):
 @click.option("--dataset")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
+def calibration(ctx, dataset, as_json):
+    """Calibration table: ECE before and after temperature scaling, NLL, Brier, under attack."""
+    from scheduler.calibration_board import calibration_table
+
+    rows = calibration_table(_app(ctx).engine, dataset=dataset)
+    if as_json:
+        _print_json([asdict(r) for r in rows])
+    elif not rows:
+        console.print("No finished calibration evaluations yet.")
+    else:
+        console.print(render.calibration_table(rows))
+
+
+@main.command()
+@click.option("--dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
 def transfer(ctx, dataset, as_json):
     """Transferability matrix: success of examples crafted on row model against column."""
     from scheduler.transfer import transfer_matrix

@@ -104,7 +104,7 @@ def _done_runs(engine: sa.Engine, dataset: str | None) -> list[_Run]:
         )
         .join(Model, Model.id == Job.model_id)
         .join(Outcome, Outcome.job_id == Job.id)
-        .where(Job.status == JobStatus.done)
+        .where(Job.status == JobStatus.done, Job.kind == "eval")
         .order_by(Job.id)
     )
     if dataset is not None:

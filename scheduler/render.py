@@ -70,6 +70,21 @@ def transfer_tables(cells) -> list[Table]:
     return tables
 
 
+def calibration_table(rows) -> Table:
+    from scheduler.calibration_board import COLUMNS
+
+    table = Table(title="calibration", caption="ECE: 15 equal-width bins; adv_: under attack")
+    for column in ("model", "dataset", "n", *COLUMNS):
+        table.add_column(column, justify="left" if column in ("model", "dataset") else "right")
+    for r in rows:
+        name = r.model if not r.defense else f"{r.model} + {r.defense}"
+        values = [r.metrics.get(c) for c in COLUMNS]
+        table.add_row(
+            name, r.dataset, str(r.n), *["-" if v is None else f"{v:.3f}" for v in values]
+        )
+    return table
+
+
 def jobs_table(rows: list[dict]) -> Table:
     table = Table(title=f"{len(rows)} jobs")
     for column in (

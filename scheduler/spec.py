@@ -19,6 +19,10 @@ from cluster.errors import GauntletError
 #: Bumped when the evaluation protocol itself changes (subset drawing, metrics).
 EVAL_VERSION = 1
 
+#: eval: robust accuracy under an attack; calibration: confidence vs accuracy (and
+#: under the attack, when the job has a threat).
+KINDS = ("eval", "calibration")
+
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -100,6 +104,10 @@ class JobSpec:
     def validate(self) -> None:
         from workers.attacks import Threat, validate_attack
 
+        if self.kind not in KINDS:
+            raise GauntletError(
+                f"Expected `kind` to be one of {', '.join(KINDS)}, but got {self.kind!r}"
+            )
         if not isinstance(self.n, int) or self.n <= 0:
             raise GauntletError(f"Expected `n` to be a positive int, but got {self.n!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:

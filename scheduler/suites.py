@@ -30,7 +30,16 @@ _FIELDS = {
     "defenses",
     "transfer",
 }
-_EVAL_FIELDS = {"attack", "norm", "eps", "params", "eps_sweep", "eot_samples", "adaptive"}
+_EVAL_FIELDS = {
+    "attack",
+    "norm",
+    "eps",
+    "params",
+    "eps_sweep",
+    "eot_samples",
+    "adaptive",
+    "kind",
+}
 
 
 def _number(value: Any, what: str) -> float:
@@ -128,6 +137,7 @@ class Suite:
             batch_size=self.batch_size,
             resources=Resources(**self.resources),
             eps_sweep=sorted(set(sweep)),
+            kind=item.get("kind", "eval"),
         )
         if defense is None:
             return [JobSpec(**common)]

@@ -93,13 +93,13 @@ def test_submit_is_idempotent_and_listings_are_json(run, weights):
     args = ("submit", weights, "--arch", "small-cnn", "--dataset", "digits", "--n", 30, "--json")
     first = json.loads(run(*args).output)
     second = json.loads(run(*args).output)
-    assert (first["new_jobs"], first["enqueued"]) == (3, 3)
+    assert (first["new_jobs"], first["enqueued"]) == (4, 4)
     assert (second["new_model"], second["new_jobs"], second["enqueued"]) == (False, 0, 0)
 
     result = run("scheduler", "--drain", "--local")
     assert result.exit_code == 0, result.output
     jobs = json.loads(run("jobs", "--json").output)
-    assert len(jobs) == 3 and {j["status"] for j in jobs} == {"done"}
+    assert len(jobs) == 4 and {j["status"] for j in jobs} == {"done"}
     board = json.loads(run("leaderboard", "--json").output)
     assert len(board) == 1 and board[0]["n"] == 30 and board[0]["model"] == "standard"
     assert 0 <= board[0]["robust_accuracy"] <= board[0]["clean_accuracy"] <= 1

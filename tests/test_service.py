@@ -73,10 +73,11 @@ def test_submit_drain_on_ray_and_leaderboard(tmp_path, digits_models, ray_local,
     reports = {
         name: submit_digits(app, path, name=name, n=N) for name, path in digits_models.items()
     }
-    assert all(r.new_jobs == 3 and r.enqueued == 3 for r in reports.values())
+    # quick: clean, FGSM, PGD and a calibration job
+    assert all(r.new_jobs == 4 and r.enqueued == 4 for r in reports.values())
 
     stats = _drain(app, RayExecutor(), max_in_flight=2)
-    assert (stats.done, stats.failed) == (6, 0)
+    assert (stats.done, stats.failed) == (8, 0)
     rows = lifecycle.list_jobs(app.engine)
     assert {str(getattr(r["status"], "value", r["status"])) for r in rows} == {"done"}
     assert all(r["attempts"] == 1 and r["worker_host"] for r in rows)
@@ -113,7 +114,7 @@ def test_submit_drain_on_ray_and_leaderboard(tmp_path, digits_models, ray_local,
         n=N,
     )
     assert (again.new_model, again.new_jobs, again.enqueued) == (False, 0, 0)
-    assert len(lifecycle.list_jobs(app.engine)) == 6
+    assert len(lifecycle.list_jobs(app.engine)) == 8
     assert app.queue.is_empty()
     assert leaderboard(app.engine, dataset="digits") == entries
 
@@ -201,7 +202,7 @@ def test_bad_inputs_fail_their_job_and_the_rest_finish(tmp_path, digits_models):
     enqueue_new(app.engine, app.queue)
 
     stats = _drain(app, LocalExecutor())
-    assert (stats.done, stats.failed) == (3, 9)
+    assert (stats.done, stats.failed) == (4, 12)
     by_model: dict[str, list] = {}
     for row in lifecycle.list_jobs(app.engine):
         by_model.setdefault(row["model"], []).append(row)
@@ -242,7 +243,7 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
     # A new suite for every model: only its evaluations that have no row are new
     # (its clean evaluation at the same subset size is new, since n differs).
     report = nightly(app.engine, app.queue, app.redis, prefix=prefix, suites=["standard-linf"])
-    assert report.new_jobs == 3 and report.enqueued == 3
+    assert report.new_jobs == 4 and report.enqueued == 4
 
     # While another nightly holds the lease, a second one refuses to run.
     from cluster.errors import GauntletError
@@ -300,3 +301,37 @@ def test_transfer_from_an_ensemble_of_surrogates(tmp_path, digits_models):
     assert "transfer-ensemble-2" in job["details"]["adaptations"]
     (entry,) = [e for e in leaderboard(app.engine) if e.model == "c"]
     assert {"transfer", "transfer-ensemble"} <= set(entry.attacks)
+
+
+def test_calibration_job_reports_before_and_after_temperature_scaling(tmp_path, digits_models):
+    from scheduler.calibration_board import calibration_table
+    from workers import calibration
+
+    app = make_app(tmp_path / "home")
+    report = submit_digits(app, digits_models["standard"], name="m", n=150)
+    _drain(app, LocalExecutor())
+    (row,) = calibration_table(app.engine, dataset="digits")
+    m = row.metrics
+    assert row.n == 150
+    # The same numbers an independent computation gives on the same subset.
+    model = load_classifier(digits_models["standard"], "small-cnn", InputSpec(1, 8, 8, 10))
+    x, y, _ = eval_subset("digits", 150, 0, app.settings.data_root)
+    with torch.no_grad():
+        probs = torch.softmax(model(x).double(), dim=1)
+    ece, mce = calibration.ece(probs, y)
+    assert (m["ece"], m["mce"]) == (pytest.approx(ece), pytest.approx(mce))
+    # Temperature scaling never changes the predicted class.
+    assert (
+        m["after_ts_accuracy"]
+        == m["accuracy"]
+        == pytest.approx((probs.argmax(1) == y).double().mean().item())
+    )
+    assert m["temperature"] > 0
+    # Under attack the model is wrong far more often, yet still confident.
+    assert m["adv_accuracy"] < m["accuracy"] and m["adv_mean_confidence"] > 0.5
+    # The reliability diagram is a stored artifact; calibration never enters the board.
+    (job,) = [j for j in lifecycle.list_jobs(app.engine) if j["kind"] == "calibration"]
+    sha = lifecycle.get_job(app.engine, job["id"])["details"]["reliability_diagram"]
+    assert ArtifactStore(app.settings.artifacts).get(sha).read_bytes().startswith(b"\x89PNG")
+    (entry,) = leaderboard(app.engine)
+    assert "calibration" not in entry.attacks and report.new_jobs == 4

@@ -24,6 +24,7 @@ from cluster.errors import GauntletError
 from workers import outcomes, reliability
 from workers.adaptive import attack_surface
 from workers.attacks import AttackResult, Threat, build_attack
+from workers.calibrate import calibration_job
 from workers.checkpoint import Checkpoint
 from workers.datasets import dataset_info, eval_subset, load_split
 from workers.defenses import build_defense
@@ -173,10 +174,34 @@ def evaluate(
         )
         adaptations = [*adaptations, f"transfer-ensemble-{len(source_models)}"]
 
-    x, y, _ = eval_subset(spec["dataset"], spec["n"], spec["seed"], data_root)
+    x, y, indices = eval_subset(spec["dataset"], spec["n"], spec["seed"], data_root)
     x, y = x.to(device), y.to(device)
     seed = int(spec["seed"])
     torch.manual_seed(seed)
+    if spec.get("kind") == "calibration":
+        metrics, details, clean, robust = calibration_job(
+            spec,
+            defended,
+            x,
+            y,
+            indices,
+            artifacts=artifacts,
+            data_root=data_root,
+            device=device,
+        )
+        if progress:
+            progress(len(y), len(y))
+        return JobResult(
+            metrics=metrics,
+            n=len(y),
+            clean=outcomes.pack(clean),
+            robust=outcomes.pack(clean & robust),
+            worker_host=socket.gethostname(),
+            device=device_label or str(device),
+            code_version=code_version(),
+            seconds=time.perf_counter() - start,
+            details=details,
+        )
     flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
 
     attack = build_attack(spec["attack"], spec.get("params") or {})

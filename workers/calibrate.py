@@ -1,0 +1,71 @@
+"""The calibration job: how well a model's confidence matches its accuracy.
+
+On the evaluation subset: ECE/MCE (15 equal-width bins), adaptive and class-wise ECE,
+NLL, Brier, mean confidence and confident errors; temperature scaling fitted on a
+held-out split (test points outside the subset, so never the points it is scored on)
+with the numbers after it; the same metrics on adversarial examples (when the job has
+a threat); and a reliability diagram stored as a PNG artifact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cluster.artifacts import ArtifactStore
+from workers import calibration
+from workers.attacks import Threat, build_attack
+from workers.datasets import load_split
+from workers.reliability_diagram import reliability_diagram_png
+from workers.result import Metric
+
+# Held-out points for fitting the temperature (Guo et al. fit on a validation split).
+HOLDOUT = 500
+
+
+def logits_of(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def holdout_split(dataset: str, data_root, indices: torch.Tensor, seed: int):
+    """Test points outside the evaluation subset; the training split's tail if none."""
+    x, y = load_split(dataset, "test", data_root)
+    rest = np.setdiff1d(np.arange(len(y)), indices.cpu().numpy())
+    if len(rest) == 0:
+        x, y = load_split(dataset, "train", data_root)
+        rest = np.arange(len(y))[-HOLDOUT:]
+    rng = np.random.default_rng(seed + 1)
+    chosen = np.sort(rng.permutation(rest)[:HOLDOUT])
+    return x[chosen], y[chosen]
+
+
+def calibration_job(
+    spec: dict, model, x, y, indices, *, artifacts: str, data_root, device
+) -> tuple[list[Metric], dict]:
+    batch_size = int(spec.get("batch_size", 256))
+    logits = logits_of(model, x, batch_size)
+    x_fit, y_fit = holdout_split(spec["dataset"], data_root, indices, int(spec["seed"]))
+    fit_logits = logits_of(model, x_fit.to(device), batch_size)
+    temperature, before, after = calibration.temperature_report(
+        fit_logits.cpu(), y_fit, logits.cpu(), y.cpu()
+    )
+    metrics = [*before, *after, Metric("temperature", temperature, len(y_fit))]
+    probs = torch.softmax(logits.cpu().double(), dim=1)
+    png = reliability_diagram_png(probs, y.cpu(), title=spec["dataset"])
+    details = {
+        "temperature": temperature,
+        "reliability_diagram": ArtifactStore(artifacts).put_bytes(png),
+    }
+    robust = logits.argmax(1) == y
+    if spec.get("norm") is not None:
+        # Confidence under attack: models are confidently wrong off the data distribution.
+        attack = build_attack(spec["attack"], spec.get("params") or {})
+        threat = Threat(spec["norm"], float(spec["eps"]))
+        generator = torch.Generator(device=x.device).manual_seed(int(spec["seed"]))
+        result = attack(model, x, y, threat, batch_size=batch_size, generator=generator)
+        adv_logits = logits_of(model, result.x_adv, batch_size)
+        metrics += calibration.calibration_metrics(adv_logits.cpu(), y.cpu(), prefix="adv_")
+        details["attack_config"] = repr(attack)
+        robust = adv_logits.argmax(1) == y
+    return metrics, details, logits.argmax(1) == y, robust
