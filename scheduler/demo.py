@@ -66,6 +66,9 @@ def run_demo(
     entries = leaderboard(app.engine, dataset=DATASET)
     for table in render.leaderboard_tables(entries):
         console.print(table)
+    from scheduler.calibration_board import calibration_table
+
+    console.print(render.calibration_table(calibration_table(app.engine, dataset=DATASET)))
     console.print(
         f"{stats.done} jobs done, {stats.failed} failed, in {time.perf_counter() - start:.0f} s"
     )
