@@ -1,4 +1,4 @@
-"""The calibration table: one row per model (and defense), from SQL alone."""
+"""The calibration and corruption tables: one row per model (and defense), from SQL alone."""
 
 from __future__ import annotations
 
@@ -33,7 +33,10 @@ class CalibrationRow:
     metrics: dict
 
 
-def calibration_table(engine: sa.Engine, *, dataset: str | None = None) -> list[CalibrationRow]:
+def calibration_table(
+    engine: sa.Engine, *, dataset: str | None = None, kind: str = "calibration"
+) -> list[CalibrationRow]:
+    """The latest done job of ``kind`` per model, defense and subset, with its metrics."""
     stmt = (
         sa.select(
             Job.id,
@@ -48,7 +51,7 @@ def calibration_table(engine: sa.Engine, *, dataset: str | None = None) -> list[
         )
         .join(Model, Model.id == Job.model_id)
         .join(MetricRow, MetricRow.job_id == Job.id)
-        .where(Job.status == JobStatus.done, Job.kind == "calibration")
+        .where(Job.status == JobStatus.done, Job.kind == kind)
         .order_by(Job.id)
     )
     if dataset is not None:
@@ -63,6 +66,10 @@ def calibration_table(engine: sa.Engine, *, dataset: str | None = None) -> list[
             latest[key] = job_id
             row = rows.setdefault(key, CalibrationRow(model_id, name, defense, ds, subset, 0, {}))
             row.metrics[metric] = value
-            if metric == "accuracy":
+            if metric in ("accuracy", "clean_accuracy"):
                 row.n = n
-    return sorted(rows.values(), key=lambda r: (r.dataset, r.metrics.get("ece", 1.0), r.model))
+    order = "ece" if kind == "calibration" else "mean_corruption_accuracy"
+    sign = 1 if kind == "calibration" else -1
+    return sorted(
+        rows.values(), key=lambda r: (r.dataset, sign * r.metrics.get(order, 1.0), r.model)
+    )

@@ -143,6 +143,34 @@ def leaderboard(ctx, dataset, as_json):
 
 
 @main.command()
+@click.argument("model")
+@click.option("--method", required=True, type=click.Choice(["fgsm-at", "pgd-at", "distillation"]))
+@click.option("--eps", type=float, help="Adversarial training budget (Linf).")
+@click.option("--epochs", type=int)
+@click.option("--temperature", type=float, help="Distillation temperature (default 100).")
+@click.option("--suite", default="quick", show_default=True, help="Suite for the derived model.")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True)
+@click.pass_context
+def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus):
+    """Train a defended model from MODEL (a name or id prefix) as a job; it is then evaluated."""
+    from scheduler.train import request_training
+
+    params = {
+        k: v
+        for k, v in {
+            "eps": eps,
+            "epochs": epochs,
+            "temperature": temperature,
+            "suite": suite,
+        }.items()
+        if v is not None
+    }
+    app = _app(ctx)
+    job_id, new = request_training(app.engine, app.queue, model, method, params, num_gpus=num_gpus)
+    console.print(f"train job {job_id} queued" if new else "this training was already requested")
+
+
+@main.command()
 @click.option("--dataset")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -157,6 +185,23 @@ def calibration(ctx, dataset, as_json):
         console.print("No finished calibration evaluations yet.")
     else:
         console.print(render.calibration_table(rows))
+
+
+@main.command()
+@click.option("--dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def corruption(ctx, dataset, as_json):
+    """Corruption table: accuracy and ECE under common corruptions at five severities."""
+    from scheduler.calibration_board import calibration_table
+
+    rows = calibration_table(_app(ctx).engine, dataset=dataset, kind="corruption")
+    if as_json:
+        _print_json([asdict(r) for r in rows])
+    elif not rows:
+        console.print("No finished corruption evaluations yet.")
+    else:
+        console.print(render.corruption_table(rows))
 
 
 @main.command()

@@ -97,6 +97,10 @@ class Dispatcher:
         """Decide what one delivered entry means: run it, drop it, or leave it pending."""
         job = lifecycle.get_job(self.engine, entry.job_id)
         if job is None or job["status"] in (lifecycle.JobStatus.done, lifecycle.JobStatus.failed):
+            if job is not None and job["kind"] == "train":
+                from scheduler.train import register_derived
+
+                register_derived(self.engine, self.queue, job["id"])  # idempotent
             self.queue.ack(entry.entry_id)  # finished already: a duplicate or stale delivery
             self.stats.skipped += 1
             return
@@ -172,6 +176,12 @@ class Dispatcher:
         job_id, entry, attempt = running.handle.job_id, running.entry, running.attempt
         if isinstance(outcome, JobResult):
             if lifecycle.finish(self.engine, job_id, self.consumer, attempt, outcome):
+                if outcome.details.get("derived_weights_sha256"):
+                    # Before the ack: a crash here leaves the entry to be redelivered,
+                    # and registering the same derived model again changes nothing.
+                    from scheduler.train import register_derived
+
+                    register_derived(self.engine, self.queue, job_id)
                 self.queue.ack(entry.entry_id)
                 self.stats.done += 1
                 self._event("done", job_id)

@@ -77,12 +77,38 @@ def calibration_table(rows) -> Table:
     for column in ("model", "dataset", "n", *COLUMNS):
         table.add_column(column, justify="left" if column in ("model", "dataset") else "right")
     for r in rows:
-        name = r.model if not r.defense else f"{r.model} + {r.defense}"
         values = [r.metrics.get(c) for c in COLUMNS]
         table.add_row(
-            name, r.dataset, str(r.n), *["-" if v is None else f"{v:.3f}" for v in values]
+            _entry_name(r), r.dataset, str(r.n), *["-" if v is None else f"{v:.3f}" for v in values]
         )
     return table
+
+
+def corruption_table(rows) -> Table:
+    """Corruptions down, models across: nine corruptions do not fit as columns."""
+    names = sorted(
+        {k[4:] for r in rows for k in r.metrics if k.startswith("acc@") and k.count("@") == 1}
+    )
+    table = Table(title="corruptions", caption="accuracy (ECE), mean over five severities")
+    table.add_column("corruption")
+    for r in rows:
+        table.add_column(f"{_entry_name(r)} ({r.dataset}, n={r.n})", justify="right")
+    lines = [
+        ("clean", "clean_accuracy", None),
+        ("mean", "mean_corruption_accuracy", "mean_corruption_ece"),
+    ]
+    lines += [(n, f"acc@{n}", f"ece@{n}") for n in names]
+    for label, acc, ece in lines:
+        cells = []
+        for r in rows:
+            a, e = r.metrics.get(acc), r.metrics.get(ece) if ece else None
+            cells.append(_pct(a) + ("" if e is None else f" ({e:.3f})"))
+        table.add_row(label, *cells)
+    return table
+
+
+def _entry_name(row) -> str:
+    return row.model if not row.defense else f"{row.model} + {row.defense}"
 
 
 def jobs_table(rows: list[dict]) -> Table:

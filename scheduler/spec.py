@@ -21,7 +21,9 @@ EVAL_VERSION = 1
 
 #: eval: robust accuracy under an attack; calibration: confidence vs accuracy (and
 #: under the attack, when the job has a threat).
-KINDS = ("eval", "calibration")
+#: train: a training-time defense (``attack`` names the method) producing a derived model.
+#: corruption: accuracy and calibration under common corruptions (distribution shift).
+KINDS = ("eval", "calibration", "corruption", "train")
 
 
 def canonical_json(value: Any) -> str:
@@ -85,6 +87,10 @@ class JobSpec:
         """The attack's resolved configuration, defaults included (its stable repr)."""
         from workers.attacks import build_attack
 
+        if self.kind == "train":
+            from workers.train_job import check_train
+
+            return f"train:{self.attack}:{canonical_json(check_train(self.attack, self.params))}"
         return repr(build_attack(self.attack, self.params))
 
     def defense_config(self) -> str | None:
@@ -114,6 +120,11 @@ class JobSpec:
             raise GauntletError(
                 f"Expected `batch_size` to be a positive int, but got {self.batch_size!r}"
             )
+        if self.kind == "train":
+            from workers.train_job import check_train
+
+            check_train(self.attack, self.params)
+            return
         threat = None if self.norm is None else Threat(self.norm, float(self.eps))
         validate_attack(self.attack, self.params, threat)
         for eps in self.eps_sweep:

@@ -243,7 +243,7 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
     # A new suite for every model: only its evaluations that have no row are new
     # (its clean evaluation at the same subset size is new, since n differs).
     report = nightly(app.engine, app.queue, app.redis, prefix=prefix, suites=["standard-linf"])
-    assert report.new_jobs == 4 and report.enqueued == 4
+    assert report.new_jobs == 5 and report.enqueued == 5
 
     # While another nightly holds the lease, a second one refuses to run.
     from cluster.errors import GauntletError
@@ -335,3 +335,24 @@ def test_calibration_job_reports_before_and_after_temperature_scaling(tmp_path, 
     assert ArtifactStore(app.settings.artifacts).get(sha).read_bytes().startswith(b"\x89PNG")
     (entry,) = leaderboard(app.engine)
     assert "calibration" not in entry.attacks and report.new_jobs == 4
+
+
+def test_corruption_job_fills_the_corruption_table(tmp_path, digits_models):
+    from scheduler.calibration_board import calibration_table
+    from scheduler.cli import main as cli
+
+    suite = tmp_path / "shift.yaml"
+    suite.write_text("n: 80\nevaluations:\n  - {attack: clean, kind: corruption}\n")
+    app = make_app(tmp_path / "home")
+    submit_digits(app, digits_models["standard"], suite=str(suite), name="m")
+    _drain(app, LocalExecutor())
+    (row,) = calibration_table(app.engine, kind="corruption")
+    m = row.metrics
+    assert row.n == 80 and 0 < m["mean_corruption_accuracy"] < m["clean_accuracy"]
+    assert m["acc@gaussian-noise@1"] >= m["acc@gaussian-noise@5"]
+    assert len([k for k in m if k.startswith("acc@") and k.count("@") == 2]) == 9 * 5
+    assert leaderboard(app.engine) == []  # not a robustness evaluation
+    from click.testing import CliRunner
+
+    out = CliRunner().invoke(cli, ["corruption"], env={"GAUNTLET_HOME": str(tmp_path / "home")})
+    assert out.exit_code == 0 and "gaussian-noise" in out.output

@@ -24,13 +24,15 @@ from cluster.errors import GauntletError
 from workers import outcomes, reliability
 from workers.adaptive import attack_surface
 from workers.attacks import AttackResult, Threat, build_attack
-from workers.calibrate import calibration_job
+from workers.calibrate import calibration_job, logits_of
 from workers.checkpoint import Checkpoint
+from workers.corruptions import corruption_metrics
 from workers.datasets import dataset_info, eval_subset, load_split
 from workers.defenses import build_defense
 from workers.metrics import attack_metrics
 from workers.models import InputSpec, load_classifier
 from workers.result import JobResult, Metric
+from workers.train_job import train_job
 
 # Points used for the reliability checks: enough to see masking, cheap to run.
 CHECK_POINTS = 64
@@ -178,6 +180,44 @@ def evaluate(
     x, y = x.to(device), y.to(device)
     seed = int(spec["seed"])
     torch.manual_seed(seed)
+    if spec.get("kind") == "train":
+        metrics, details = train_job(
+            spec, net, model, artifacts=artifacts, data_root=data_root, device=device
+        )
+        clean = logits_of(net, x, int(spec.get("batch_size", 256))).argmax(1) == y
+        return JobResult(
+            metrics=metrics,
+            n=len(y),
+            clean=outcomes.pack(clean),
+            robust=outcomes.pack(clean),
+            worker_host=socket.gethostname(),
+            device=device_label or str(device),
+            code_version=code_version(),
+            seconds=time.perf_counter() - start,
+            details=details,
+        )
+    if spec.get("kind") == "corruption":
+        batch_size = int(spec.get("batch_size", 256))
+        clean = logits_of(defended, x, batch_size).argmax(1) == y
+        k = int(clean.sum())
+        low, high = outcomes.wilson_interval(k, len(y))
+        metrics = [
+            Metric("clean_accuracy", k / len(y), len(y), low, high),
+            *corruption_metrics(defended, x, y, batch_size=batch_size, seed=seed),
+        ]
+        if progress:
+            progress(len(y), len(y))
+        return JobResult(
+            metrics=metrics,
+            n=len(y),
+            clean=outcomes.pack(clean),
+            robust=outcomes.pack(clean),
+            worker_host=socket.gethostname(),
+            device=device_label or str(device),
+            code_version=code_version(),
+            seconds=time.perf_counter() - start,
+            details={},
+        )
     if spec.get("kind") == "calibration":
         metrics, details, clean, robust = calibration_job(
             spec,

@@ -1,0 +1,83 @@
+"""Training-time defenses: ``train`` jobs in, derived models (with lineage) out.
+
+``request_training`` queues a train job for a submitted model. When it finishes, the
+dispatcher calls ``register_derived``: the derived weights (already in the artifact
+store) become a model row whose ``parent_id`` is the submitted model, and the suite
+named in the job is expanded for it, so it is evaluated like any submission.
+"""
+
+from __future__ import annotations
+
+from cluster.errors import GauntletError
+from scheduler import lifecycle
+from scheduler.queue import JobQueue
+from scheduler.spec import JobSpec
+from scheduler.submit import enqueue_new, expand_suite, model_key, new_jobs
+from workers.models import InputSpec
+
+
+def find_model(engine, ref: str) -> dict:
+    matches = [
+        m for m in lifecycle.list_models(engine) if m["name"] == ref or m["id"].startswith(ref)
+    ]
+    if len(matches) != 1:
+        found = "no model" if not matches else f"{len(matches)} models"
+        raise GauntletError(f"{found} match {ref!r}; give a model name or a longer id prefix")
+    return matches[0]
+
+
+def request_training(
+    engine,
+    queue: JobQueue,
+    ref: str,
+    method: str,
+    params: dict,
+    *,
+    n: int = 200,
+    num_gpus: float = 0.0,
+) -> tuple[int, bool]:
+    """Queue a train job for model ``ref``; (job id or 0, whether it is new)."""
+    from scheduler.spec import Resources
+
+    model = find_model(engine, ref)
+    spec = JobSpec(
+        model_id=model["id"],
+        dataset=model["dataset"],
+        attack=method,
+        params=dict(params),
+        kind="train",
+        n=n,
+        resources=Resources(num_gpus=num_gpus),
+    )
+    spec.validate()
+    inserted = lifecycle.insert_jobs(engine, new_jobs([spec], params.get("suite", "quick")))
+    enqueue_new(engine, queue)
+    return (inserted[0] if inserted else 0), bool(inserted)
+
+
+def register_derived(engine, queue: JobQueue, job_id: int) -> str | None:
+    """Register a finished train job's model and enqueue its suite; its id, or None."""
+    job = lifecycle.get_job(engine, job_id)
+    details = (job or {}).get("details") or {}
+    sha = details.get("derived_weights_sha256")
+    if job is None or job["kind"] != "train" or not sha:
+        return None
+    parent = lifecycle.get_model(engine, job["model_id"])
+    spec = InputSpec.from_dict(parent["input_spec"])
+    derived = model_key(sha, parent["arch"], parent["dataset"], spec)
+    lifecycle.upsert_model(
+        engine,
+        id=derived,
+        name=f"{parent['name']}+{details['method']}",
+        arch=parent["arch"],
+        dataset=parent["dataset"],
+        input_spec=parent["input_spec"],
+        weights_sha256=sha,
+        parent_id=parent["id"],
+    )
+    suite = job["suite"] or "quick"
+    n = int(job["subset_key"].split(":")[2])
+    specs = expand_suite(suite, derived, parent["dataset"], n, engine=engine)
+    lifecycle.insert_jobs(engine, new_jobs(specs, suite))
+    enqueue_new(engine, queue)
+    return derived

@@ -1,0 +1,193 @@
+"""Deep k-NN credibility and the image-quilting defense, on the digits small CNNs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cluster.errors import GauntletError
+from workers.attacks import build_attack
+from workers.attacks.base import Threat
+from workers.datasets import eval_subset, load_split
+from workers.defenses import DEFENSES, build_defense
+from workers.defenses.quilting import Quilting, patch_database
+from workers.dknn import DeepKNN
+from workers.models import InputSpec, load_classifier
+
+SPEC = InputSpec(1, 8, 8, 10)
+N_TEST = 200
+
+
+@pytest.fixture(scope="module")
+def standard(digits_models) -> nn.Module:
+    return load_classifier(digits_models["standard"], "small-cnn", SPEC)
+
+
+@pytest.fixture(scope="module")
+def dknn(standard) -> DeepKNN:
+    x, y = load_split("digits", "train", None)
+    return DeepKNN(standard, x, y)
+
+
+@pytest.fixture(scope="module")
+def test_points() -> tuple[torch.Tensor, torch.Tensor]:
+    x, y, _ = eval_subset("digits", N_TEST, 0, None)
+    return x, y
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+# ---------------------------------------------------------------------------- DkNN
+
+
+def test_hand_built_p_values():
+    # 2-D features (second coordinate 0) read from one layer, k=3. Train: class 0 at
+    # x=0,1,2; class 1 at x=3.2,10,11,12. Calibration nonconformities (by hand):
+    #   1.5/y0 -> {1,2,0}: 0 | 11/y1 -> {10,11,12}: 0 | 2.5/y0 -> {2,3.2,1}: 1
+    #   6.4/y1 -> {3.2,10,2}: 1 | 1.5/y1 -> {1,2,0}: 3          => A = {0, 0, 1, 1, 3}
+    net = nn.Sequential(nn.Identity())
+
+    def pts(*xs: float) -> torch.Tensor:
+        return torch.tensor([[v, 0.0] for v in xs])
+
+    x_train, y_train = pts(0, 1, 2, 3.2, 10, 11, 12), torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    x_cal, y_cal = pts(1.5, 11, 2.5, 6.4, 1.5), torch.tensor([0, 1, 0, 1, 1])
+    model = DeepKNN(net, x_train, y_train, x_cal, y_cal, layers=["0"], k=3)
+    assert model.calibration.tolist() == [0, 0, 1, 1, 3]
+
+    pred, cred, conf, p = model.predict(pts(1.5, 3.0, 6.4))
+    # 1.5: alpha = (0, 3) -> p = (5/5, 1/5). 3.0: neighbours {3.2,2,1}, alpha = (1, 2)
+    # -> p = (3/5, 1/5). 6.4: neighbours {3.2,10,2}, alpha = (2, 1) -> p = (1/5, 3/5).
+    expected = torch.tensor([[1.0, 0.2], [0.6, 0.2], [0.2, 0.6]], dtype=torch.float64)
+    assert torch.allclose(p, expected)
+    assert pred.tolist() == [0, 0, 1]
+    assert torch.allclose(cred, torch.tensor([1.0, 0.6, 0.6], dtype=torch.float64))
+    assert torch.allclose(conf, torch.tensor([0.8, 0.8, 0.8], dtype=torch.float64))
+
+
+def test_bad_arguments_raise():
+    net = nn.Sequential(nn.Identity())
+    x, y = torch.zeros(10, 2), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(GauntletError, match="k="):
+        DeepKNN(net, x, y, x, y, layers=["0"], k=11)
+    with pytest.raises(GauntletError, match="Unknown layer"):
+        DeepKNN(net, x, y, x, y, layers=["nope"], k=1)
+    with pytest.raises(GauntletError, match="k"):
+        DeepKNN(net, x, y, x, y, layers=["0"], k=0)
+
+
+def test_default_layers_of_small_cnn(dknn, standard):
+    # pool (after relu(conv1)), grid (after relu(conv2)), and the input of fc2.
+    assert [m for m, _ in dknn.layers] == [standard.net.pool, standard.net.grid, standard.net.fc2]
+    assert [f.shape[1] for f in dknn.train_features] == [32 * 16, 64 * 16, 128]
+    assert len(dknn.calibration) == len(load_split("digits", "train", None)[1]) // 3
+
+
+def test_p_values_on_the_calibration_grid(dknn, test_points):
+    x, _ = test_points
+    p = dknn.predict(x[:50])[3]
+    size = len(dknn.calibration)
+    scaled = p * size
+    # Counts divided by |A| in float64: integers again up to rounding far below 1e-9.
+    assert (scaled - scaled.round()).abs().max() < 1e-9
+    assert len(torch.unique(scaled.round())) > 2  # not trivially all 0 or |A|
+    assert p.min() >= 0 and p.max() <= 1
+    # Some label always has a small nonconformity on a clean digit: p-values are not all 0.
+    assert (p.max(1).values > 0).all()
+
+
+def test_dknn_accuracy_close_to_model_and_credibility_drops_under_fgsm(dknn, standard, test_points):
+    x, y = test_points
+    pred, cred, _, _ = dknn.predict(x)
+    dknn_acc = (pred == y).float().mean().item()
+    model_acc = _accuracy(standard, x, y)
+    print(f"model acc {model_acc:.3f}, DkNN acc {dknn_acc:.3f}")
+    assert model_acc > 0.85
+    assert abs(dknn_acc - model_acc) <= 0.05
+
+    x_adv = build_attack("fgsm")(standard, x, y, Threat("linf", 0.2)).x_adv
+    assert (x_adv - x).abs().max() <= 0.2 + 1e-6
+    cred_adv = dknn.predict(x_adv)[1]
+    print(f"mean credibility clean {cred.mean():.3f}, FGSM {cred_adv.mean():.3f}")
+    assert cred_adv.mean() <= cred.mean() - 0.15
+
+
+# ---------------------------------------------------------------------------- quilting
+
+
+def test_quilting_registered_repr_and_bad_params():
+    assert DEFENSES["quilting"] is Quilting
+    defense = build_defense("quilting", {"dataset": "digits"}, None)
+    assert not defense.differentiable and not defense.randomized
+    assert repr(defense) == "Quilting(patch=3, database_size=5000, dataset='digits', seed=0)"
+    assert repr(defense) == repr(build_defense("quilting", {"dataset": "digits"}, None))
+    for bad in (
+        {"patch": 0},
+        {"patch": 2.5},
+        {"database_size": 0},
+        {"seed": -1},
+        {"dataset": 3},
+        {"dataset": ""},
+        {"radius": 1},
+    ):
+        with pytest.raises(GauntletError):
+            build_defense("quilting", bad, None)
+    with pytest.raises(GauntletError, match="dataset"):
+        Quilting().transform(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(GauntletError, match="larger"):
+        Quilting(patch=9, dataset="digits").transform(torch.zeros(1, 1, 8, 8))
+
+
+def test_database_is_deterministic_and_capped():
+    x = load_split("digits", "train", None)[0][:300]  # a subset keeps torch.unique fast
+    a = patch_database(x, 3, 500, seed=1)
+    assert a.shape == (500, 9)
+    assert torch.equal(a, patch_database(x, 3, 500, seed=1))
+    assert not torch.equal(a, patch_database(x, 3, 500, seed=2))
+    assert len(torch.unique(a, dim=0)) == 500
+    assert Quilting(dataset="digits", database_size=300).database_tensor().shape == (300, 9)
+
+
+@pytest.mark.parametrize("patch", [2, 3, 4])
+def test_quilted_images_consist_of_database_patches(test_points, patch):
+    x, _ = test_points
+    defense = Quilting(patch=patch, database_size=400, dataset="digits")
+    database = defense.database_tensor()
+    out = defense.transform((x[:20] + 0.05 * torch.randn_like(x[:20])).clamp(0, 1))
+    assert out.shape == x[:20].shape
+    # With patch | 8 every grid tile is whole; with patch=3 the edge tiles at 5 are
+    # written last and are whole (those at 3 are partly covered by them).
+    starts = [0, 2, 4, 6] if patch == 2 else [0, 4] if patch == 4 else [0, 5]
+    rows = torch.cat(
+        [
+            out[:, :, i : i + patch, j : j + patch].reshape(len(out), -1)
+            for i in starts
+            for j in starts
+        ]
+    )
+    matches = (rows[:, None, :] == database[None]).all(-1).any(-1)
+    assert matches.all()
+    # The input itself is not made of database patches: the test can fail.
+    noisy = torch.rand(5, 1, 8, 8)
+    raw = noisy[:, :, :patch, :patch].reshape(5, -1)
+    assert not (raw[:, None, :] == database[None]).all(-1).any(-1).any()
+
+
+def test_quilting_keeps_clean_accuracy_and_passes_no_gradient(standard, test_points):
+    x, y = test_points
+    defense = build_defense("quilting", {"dataset": "digits"}, standard)
+    clean = _accuracy(standard, x, y)
+    quilted = _accuracy(defense, x, y)
+    print(f"clean accuracy {clean:.3f}, with quilting {quilted:.3f}")
+    assert quilted >= clean - 0.1
+
+    xr = x[:8].clone().requires_grad_(True)
+    defense(xr).sum().backward()
+    assert torch.count_nonzero(xr.grad) == 0
+    xr.grad = None
+    defense.bpda_forward(xr).sum().backward()
+    assert torch.count_nonzero(xr.grad) > 0

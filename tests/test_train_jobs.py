@@ -1,0 +1,101 @@
+"""Training-time defenses as jobs: derived models with lineage, evaluated like submissions."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler import lifecycle
+from scheduler.executors import LocalExecutor
+from scheduler.leaderboard import leaderboard
+from scheduler.train import request_training
+from tests.service_helpers import make_app, submit_digits
+
+
+def _suite(tmp_path, text: str) -> str:
+    path = tmp_path / "suite.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_pgd_adversarial_training_raises_robust_accuracy(tmp_path, digits_models):
+    suite = _suite(
+        tmp_path,
+        "n: 150\neps: {linf: {default: 0.2}}\nevaluations:\n"
+        "  - attack: clean\n  - {attack: pgd, norm: linf, params: {steps: 10}}\n",
+    )
+    app = make_app(tmp_path / "home")
+    submit_digits(app, digits_models["standard"], suite=suite, name="base")
+    job_id, new = request_training(
+        app.engine,
+        app.queue,
+        "base",
+        "pgd-at",
+        {"eps": 0.2, "epochs": 8, "pgd_steps": 3, "suite": suite},
+        n=150,
+    )
+    assert new and request_training(
+        app.engine,
+        app.queue,
+        "base",
+        "pgd-at",
+        {"eps": 0.2, "epochs": 8, "pgd_steps": 3, "suite": suite},
+        n=150,
+    ) == (0, False)
+    stats = app.dispatcher(LocalExecutor()).run(drain=True)
+    assert stats.failed == 0
+    derived = [m for m in lifecycle.list_models(app.engine) if m["parent_id"]]
+    assert [m["name"] for m in derived] == ["base+pgd-at"]
+    board = {e.model: e for e in leaderboard(app.engine)}
+    base, trained = board["base"], board["base+pgd-at"]
+    assert trained.robust_accuracy > base.robust_accuracy + 0.2
+    assert trained.clean_accuracy > base.clean_accuracy - 0.1  # a small cost at most
+
+
+def test_defensive_distillation_resists_fgsm_but_not_cw(tmp_path, digits_models):
+    suite = _suite(
+        tmp_path,
+        "n: 100\neps: {l2: {default: 1.5}}\nevaluations:\n"
+        "  - attack: clean\n  - {attack: fgsm, norm: l2}\n"
+        "  - {attack: cw-l2, norm: l2, params: {steps: 100, binary_steps: 4, "
+        "initial_const: 0.1, lr: 0.1}}\n",
+    )
+    app = make_app(tmp_path / "home")
+    submit_digits(app, digits_models["standard"], suite=suite, name="base")
+    request_training(
+        app.engine,
+        app.queue,
+        "base",
+        "distillation",
+        {"temperature": 100, "epochs": 15, "suite": suite},
+        n=100,
+    )
+    app.dispatcher(LocalExecutor()).run(drain=True)
+    jobs = [j for j in lifecycle.list_jobs(app.engine, model="base+distillation")]
+    robust = {}
+    for job in jobs:
+        full = lifecycle.get_job(app.engine, job["id"])
+        if job["attack"] in ("fgsm", "cw-l2"):
+            import sqlalchemy as sa
+
+            from db.schema import MetricRow
+
+            with app.engine.connect() as conn:
+                robust[job["attack"]] = conn.execute(
+                    sa.select(MetricRow.value).where(
+                        MetricRow.job_id == full["id"], MetricRow.name == "robust_accuracy"
+                    )
+                ).scalar_one()
+    # The saturated softmax hides the gradient from FGSM; CW works on the logits.
+    assert robust["fgsm"] > 0.6
+    assert robust["cw-l2"] < robust["fgsm"] - 0.3
+
+
+def test_unknown_training_method_is_refused(tmp_path, digits_models):
+    from cluster.errors import GauntletError
+
+    app = make_app(tmp_path / "home")
+    submit_digits(app, digits_models["standard"], name="base", n=20)
+    with pytest.raises(GauntletError, match="Unknown training method"):
+        request_training(app.engine, app.queue, "base", "magic", {})
+    with pytest.raises(GauntletError, match="no model match"):
+        request_training(app.engine, app.queue, "nobody", "pgd-at", {})

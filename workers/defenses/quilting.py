@@ -1,0 +1,144 @@
+"""Image quilting (Guo et al. 2018): rebuild each input from clean training patches.
+
+Every non-overlapping ``patch`` x ``patch`` tile of the input is replaced by its L2
+nearest neighbour in a database of patches cut from clean training images, so the output
+lies on a union of clean patches and small perturbations snap back to one of them. The
+operation is piecewise constant: it is registered as non-differentiable, and adaptive
+attacks use BPDA (Athalye et al. 2018 broke it that way).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cluster.errors import GauntletError
+from workers.attacks.base import expect_int
+from workers.defenses.base import Defense, register_defense
+
+DATA_ROOT_ENV = "GAUNTLET_DATA_ROOT"
+# Query tiles per torch.cdist call: bounds memory at chunk * database_size floats.
+_CHUNK = 2048
+
+
+def patch_database(images: torch.Tensor, patch: int, database_size: int, seed: int) -> torch.Tensor:
+    """(m, C*patch*patch) distinct patches of ``images``, at most ``database_size``.
+
+    All stride-1 patches are cut, duplicates dropped (digits are mostly blank, and a
+    database full of copies of the empty patch wastes its budget), then a seeded sample
+    is kept. ``torch.unique`` sorts its rows, so the result depends only on the data.
+    """
+    if images.dim() != 4:
+        raise GauntletError(f"Expected (n, C, H, W) images, but got shape {tuple(images.shape)}")
+    if patch > min(images.shape[-2:]):
+        raise GauntletError(f"patch {patch} is larger than the {tuple(images.shape[-2:])} images")
+    rows = F.unfold(images.float(), patch).transpose(1, 2).reshape(-1, images.shape[1] * patch**2)
+    rows = torch.unique(rows, dim=0)
+    if len(rows) > database_size:
+        keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+        rows = rows[keep[:database_size].sort().values]
+    return rows.contiguous()
+
+
+def _starts(size: int, patch: int) -> list[int]:
+    """Tile origins along one axis: a stride-``patch`` grid, plus one flush with the edge
+    when ``patch`` does not divide ``size`` (that last tile overlaps its neighbour)."""
+    starts = list(range(0, size - patch + 1, patch))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts
+
+
+@register_defense
+class Quilting(Defense):
+    """Replace each ``patch`` x ``patch`` tile by its nearest clean training patch.
+
+    The database comes from the ``dataset`` training split (root from the
+    ``GAUNTLET_DATA_ROOT`` environment variable), built lazily on first use, or is set
+    directly with ``set_database`` (e.g. restored from a stored artifact).
+    """
+
+    name = "quilting"
+    differentiable = False
+
+    def __init__(
+        self,
+        model=None,
+        *,
+        patch: int = 3,
+        database_size: int = 5000,
+        dataset: str | None = None,
+        seed: int = 0,
+    ):
+        super().__init__(model)
+        self.patch = expect_int("patch", patch, 1, 32)
+        self.database_size = expect_int("database_size", database_size, 1, 1_000_000)
+        self.seed = expect_int("seed", seed, 0)
+        if dataset is not None and (not isinstance(dataset, str) or not dataset):
+            raise GauntletError(f"Expected `dataset` to be a dataset name, but got {dataset!r}")
+        self.dataset = dataset
+        self._database: torch.Tensor | None = None
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "patch": self.patch,
+            "database_size": self.database_size,
+            "dataset": self.dataset,
+            "seed": self.seed,
+        }
+
+    def set_database(self, database: torch.Tensor) -> None:
+        """Use ``database`` ((m, C*patch*patch) rows) instead of building one."""
+        if database.dim() != 2 or len(database) == 0 or database.shape[1] % self.patch**2:
+            raise GauntletError(
+                f"Expected a non-empty (m, C*{self.patch}*{self.patch}) patch database, "
+                f"but got shape {tuple(database.shape)}"
+            )
+        self._database = database.detach().float().cpu().contiguous()
+
+    def database_tensor(self) -> torch.Tensor:
+        """The patch database, built from the training split if not built or set yet."""
+        if self._database is None:
+            if self.dataset is None:
+                raise GauntletError(
+                    "quilting needs `dataset` (whose training images supply the patches) "
+                    "or a database given with set_database"
+                )
+            from workers.datasets import load_split
+
+            x, _ = load_split(self.dataset, "train", os.environ.get(DATA_ROOT_ENV) or None)
+            self._database = patch_database(x, self.patch, self.database_size, self.seed)
+        return self._database
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        p = self.patch
+        database = self.database_tensor().to(x.device)
+        if database.shape[1] != c * p * p:
+            raise GauntletError(
+                f"The patch database holds {database.shape[1]}-value patches, but "
+                f"{c}-channel {p}x{p} tiles have {c * p * p}"
+            )
+        if p > min(h, w):
+            raise GauntletError(f"patch {p} is larger than the {h}x{w} images")
+        tiles = [(i, j) for i in _starts(h, p) for j in _starts(w, p)]
+        x = x.detach().float()
+        # (n, tiles, C*p*p), in the channel-major order F.unfold uses for the database.
+        queries = torch.stack([x[:, :, i : i + p, j : j + p].reshape(n, -1) for i, j in tiles], 1)
+        flat = queries.reshape(-1, c * p * p)
+        nearest = torch.cat(
+            [
+                torch.cdist(flat[s : s + _CHUNK], database).argmin(dim=1)
+                for s in range(0, len(flat), _CHUNK)
+            ]
+        )
+        chosen = database[nearest].view(n, len(tiles), c, p, p)
+        out = x.clone()
+        # In tile order, so an edge tile that overlaps its neighbour is written last and
+        # appears whole; interior tiles on the regular grid never overlap.
+        for t, (i, j) in enumerate(tiles):
+            out[:, :, i : i + p, j : j + p] = chosen[:, t]
+        return out
