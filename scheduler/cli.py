@@ -144,14 +144,19 @@ def leaderboard(ctx, dataset, as_json):
 
 @main.command()
 @click.argument("model")
-@click.option("--method", required=True, type=click.Choice(["fgsm-at", "pgd-at", "distillation"]))
+@click.option(
+    "--method",
+    required=True,
+    type=click.Choice(["fgsm-at", "pgd-at", "ensemble-at", "distillation"]),
+)
+@click.option("--static", "static", multiple=True, help="ensemble-at: a pre-trained model.")
 @click.option("--eps", type=float, help="Adversarial training budget (Linf).")
 @click.option("--epochs", type=int)
 @click.option("--temperature", type=float, help="Distillation temperature (default 100).")
 @click.option("--suite", default="quick", show_default=True, help="Suite for the derived model.")
 @click.option("--num-gpus", type=float, default=0.0, show_default=True)
 @click.pass_context
-def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus):
+def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus, static):
     """Train a defended model from MODEL (a name or id prefix) as a job; it is then evaluated."""
     from scheduler.train import request_training
 
@@ -166,6 +171,10 @@ def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus):
         if v is not None
     }
     app = _app(ctx)
+    if static:
+        from scheduler.train import find_model
+
+        params["static_models"] = [find_model(app.engine, ref)["id"] for ref in static]
     job_id, new = request_training(app.engine, app.queue, model, method, params, num_gpus=num_gpus)
     console.print(f"train job {job_id} queued" if new else "this training was already requested")
 

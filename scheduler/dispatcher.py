@@ -130,7 +130,10 @@ class Dispatcher:
         payload = dict(self.payload_base, job_id=claim.job_id, spec=spec, model=claim.model)
         if spec.get("source_model"):
             payload["source_model"] = lifecycle.get_model(self.engine, spec["source_model"])
-        if spec.get("source_ensemble"):
+        static = (
+            (spec.get("params") or {}).get("static_models") if spec.get("kind") == "train" else None
+        )
+        if spec.get("source_ensemble") or static:
             payload["source_models"] = [
                 m
                 for m in (lifecycle.get_model(self.engine, i) for i in spec["source_ensemble"])

@@ -99,3 +99,24 @@ def test_unknown_training_method_is_refused(tmp_path, digits_models):
         request_training(app.engine, app.queue, "base", "magic", {})
     with pytest.raises(GauntletError, match="no model match"):
         request_training(app.engine, app.queue, "nobody", "pgd-at", {})
+
+
+def test_ensemble_adversarial_training_uses_static_models(tmp_path, digits_models):
+    suite = _suite(
+        tmp_path,
+        "n: 100\neps: {linf: {default: 0.2}}\nevaluations:\n"
+        "  - attack: clean\n  - {attack: pgd, norm: linf, params: {steps: 10}}\n",
+    )
+    app = make_app(tmp_path / "home")
+    submit_digits(app, digits_models["standard"], suite=suite, name="base")
+    static = submit_digits(app, digits_models["robust"], suite=suite, name="static")
+    params = {"eps": 0.2, "epochs": 4, "suite": suite, "static_models": [static.model_id]}
+    _, new = request_training(app.engine, app.queue, "base", "ensemble-at", params, n=100)
+    assert new
+    assert app.dispatcher(LocalExecutor()).run(drain=True).failed == 0
+    board = {e.model: e for e in leaderboard(app.engine)}
+    assert board["base+ensemble-at"].robust_accuracy > board["base"].robust_accuracy + 0.1
+    from cluster.errors import GauntletError
+
+    with pytest.raises(GauntletError, match="static_models"):
+        request_training(app.engine, app.queue, "base", "ensemble-at", {"eps": 0.2})

@@ -181,8 +181,15 @@ def evaluate(
     seed = int(spec["seed"])
     torch.manual_seed(seed)
     if spec.get("kind") == "train":
+        static = [load_model(m, spec["dataset"], artifacts, device) for m in source_models or []]
         metrics, details = train_job(
-            spec, net, model, artifacts=artifacts, data_root=data_root, device=device
+            spec,
+            net,
+            model,
+            artifacts=artifacts,
+            data_root=data_root,
+            device=device,
+            static=static,
         )
         clean = logits_of(net, x, int(spec.get("batch_size", 256))).argmax(1) == y
         return JobResult(

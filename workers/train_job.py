@@ -4,6 +4,9 @@ Methods (``spec["attack"]`` of a ``train`` job names the method, ``params`` its 
 
 - ``fgsm-at``: FGSM adversarial training from a random start (Wong et al. 2020);
 - ``pgd-at``: PGD adversarial training (Madry et al. 2018), ``pgd_steps`` steps;
+- ``ensemble-at``: ensemble adversarial training (Tramer et al. 2018): each batch's
+  adversarial examples come from the model itself or from one of the static,
+  pre-trained models named in ``static_models``, chosen at random;
 - ``distillation``: defensive distillation (Papernot et al. 2016): the parent, at
   temperature T, labels the training set with soft labels; a fresh network of the same
   architecture learns them at T and is deployed at T = 1.
@@ -29,8 +32,17 @@ from workers.models import InputSpec, Normalized, save_classifier
 from workers.result import Metric
 from workers.training import fgsm_random_start
 
-METHODS = ("fgsm-at", "pgd-at", "distillation")
-_PARAMS = {"epochs", "eps", "lr", "pgd_steps", "temperature", "batch_size", "suite"}
+METHODS = ("fgsm-at", "pgd-at", "ensemble-at", "distillation")
+_PARAMS = {
+    "epochs",
+    "eps",
+    "lr",
+    "pgd_steps",
+    "temperature",
+    "batch_size",
+    "suite",
+    "static_models",
+}
 
 
 def check_train(method: str, params: dict) -> dict:
@@ -43,7 +55,11 @@ def check_train(method: str, params: dict) -> dict:
             f"Unknown training parameter(s) {', '.join(unknown)}; "
             f"accepted: {', '.join(sorted(_PARAMS))}"
         )
+    static = params.get("static_models", [])
+    if method == "ensemble-at" and (not isinstance(static, list) or not static):
+        raise GauntletError("ensemble-at needs `static_models`: ids of pre-trained models")
     return {
+        "static_models": sorted(static) if method == "ensemble-at" else [],
         "epochs": expect_int("epochs", params.get("epochs", 10), 1, 1000),
         "eps": expect_float("eps", params.get("eps", 0.1), 0.0, 1.0),
         "lr": expect_float("lr", params.get("lr", 1e-3), 0.0, 1.0),
@@ -90,6 +106,7 @@ def train_derived(
     x: torch.Tensor,
     y: torch.Tensor,
     seed: int,
+    static: list[torch.nn.Module] | None = None,
 ):
     """The derived network (bare, no normalisation wrapper) and its final training loss."""
     settings = check_train(method, params)
@@ -138,7 +155,13 @@ def train_derived(
 
     def adversarial(m, idx, xb, yb):
         m.eval()  # craft against inference-mode statistics
-        if method == "fgsm-at":
+        if method == "ensemble-at":
+            # Tramer et al.: decoupling the examples from the model being trained is what
+            # stops single-step training from learning to mask its own gradients.
+            sources = [m, *(static or [])]
+            pick = torch.randint(len(sources), (1,), generator=generator, device=xb.device)
+            xb = fgsm_random_start(sources[int(pick)], xb, yb, settings["eps"], generator)
+        elif method == "fgsm-at":
             xb = fgsm_random_start(m, xb, yb, settings["eps"], generator)
         else:
             xb = _pgd(m, xb, yb, settings["eps"], settings["pgd_steps"], generator)
@@ -149,7 +172,14 @@ def train_derived(
 
 
 def train_job(
-    spec: dict, parent: torch.nn.Module, model_row: dict, *, artifacts: str, data_root, device
+    spec: dict,
+    parent: torch.nn.Module,
+    model_row: dict,
+    *,
+    artifacts: str,
+    data_root,
+    device,
+    static: list[torch.nn.Module] | None = None,
 ) -> tuple[list[Metric], dict]:
     input_spec = InputSpec.from_dict(model_row["input_spec"])
     x, y = load_split(spec["dataset"], "train", data_root)
@@ -162,6 +192,7 @@ def train_job(
         x.to(device),
         y.to(device),
         int(spec["seed"]),
+        static=static,
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "derived.safetensors"
