@@ -43,6 +43,9 @@ def test_pgd_adversarial_training_raises_robust_accuracy(tmp_path, digits_models
     ) == (0, False)
     stats = app.dispatcher(LocalExecutor()).run(drain=True)
     assert stats.failed == 0
+    # Training reported its progress per epoch to Redis.
+    progress = app.redis.hgetall(f"{app.settings.redis_prefix}:progress:{job_id}")
+    assert progress == {"done": "8", "total": "8"}
     derived = [m for m in lifecycle.list_models(app.engine) if m["parent_id"]]
     assert [m["name"] for m in derived] == ["base+pgd-at"]
     board = {e.model: e for e in leaderboard(app.engine)}

@@ -190,6 +190,7 @@ def evaluate(
             data_root=data_root,
             device=device,
             static=static,
+            progress=progress,
         )
         clean = logits_of(net, x, int(spec.get("batch_size", 256))).argmax(1) == y
         return JobResult(

@@ -80,11 +80,14 @@ def _pgd(model, x, y, eps: float, steps: int, generator) -> torch.Tensor:
     return (x + delta).clamp(0, 1)
 
 
-def _fit(model, x, y, settings, generator, batch_loss) -> float:
-    """Adam over shuffled mini-batches; ``batch_loss(model, idx, xb, yb)`` gives the loss."""
+def _fit(model, x, y, settings, generator, batch_loss, progress=None) -> float:
+    """Adam over shuffled mini-batches; ``batch_loss(model, idx, xb, yb)`` gives the loss.
+
+    ``progress(epoch, epochs)`` after each epoch: a train job's progress in Redis.
+    """
     optimiser = torch.optim.Adam(model.parameters(), lr=settings["lr"])
     loss = torch.tensor(0.0)
-    for _ in range(settings["epochs"]):
+    for epoch in range(settings["epochs"]):
         order = torch.randperm(len(x), generator=generator, device=x.device)
         for start in range(0, len(x), settings["batch_size"]):
             idx = order[start : start + settings["batch_size"]]
@@ -93,6 +96,8 @@ def _fit(model, x, y, settings, generator, batch_loss) -> float:
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
+        if progress:
+            progress(epoch + 1, settings["epochs"])
     model.eval()
     return float(loss.detach())
 
@@ -107,6 +112,7 @@ def train_derived(
     y: torch.Tensor,
     seed: int,
     static: list[torch.nn.Module] | None = None,
+    progress=None,
 ):
     """The derived network (bare, no normalisation wrapper) and its final training loss."""
     settings = check_train(method, params)
@@ -147,6 +153,7 @@ def train_derived(
             lambda m, idx, xb, yb: (
                 -(soft[idx] * F.log_softmax(m(xb) / temperature, dim=1)).sum(1).mean()
             ),
+            progress,
         )
         return student.net, loss
 
@@ -168,7 +175,7 @@ def train_derived(
         m.train()
         return F.cross_entropy(m(xb), yb)
 
-    return model.net, _fit(model, x, y, settings, generator, adversarial)
+    return model.net, _fit(model, x, y, settings, generator, adversarial, progress)
 
 
 def train_job(
@@ -180,6 +187,7 @@ def train_job(
     data_root,
     device,
     static: list[torch.nn.Module] | None = None,
+    progress=None,
 ) -> tuple[list[Metric], dict]:
     input_spec = InputSpec.from_dict(model_row["input_spec"])
     x, y = load_split(spec["dataset"], "train", data_root)
@@ -193,6 +201,7 @@ def train_job(
         y.to(device),
         int(spec["seed"]),
         static=static,
+        progress=progress,
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "derived.safetensors"
