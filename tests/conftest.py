@@ -121,3 +121,22 @@ def digits_models(tmp_path_factory):
     from tests.service_helpers import train_digits_models
 
     return train_digits_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def stored(tmp_path, digits_models):
+    """The standard digits model in an artifact store, as a model row would name it."""
+    from cluster.artifacts import ArtifactStore
+    from workers.models import InputSpec
+
+    store = tmp_path / "artifacts"
+    sha = ArtifactStore(store).put_file(digits_models["standard"])
+    model = {
+        "id": "m" * 64,
+        "name": "standard",
+        "arch": "small-cnn",
+        "dataset": "digits",
+        "input_spec": InputSpec(1, 8, 8, 10).to_dict(),
+        "weights_sha256": sha,
+    }
+    return model, str(store)

@@ -40,3 +40,25 @@ def submit_digits(app: App, weights: Path, **options):
     return submit(
         app.settings, app.engine, app.queue, weights, arch="small-cnn", dataset="digits", **options
     )
+
+
+def run_eval(stored: tuple[dict, str], *, n: int, **spec):
+    """Evaluate the stored model in-process with a PGD spec, overridden by ``spec``."""
+    from workers.evaluate import evaluate
+
+    model, store = stored
+    base = {
+        "dataset": "digits",
+        "attack": "pgd",
+        "params": {"steps": 10},
+        "norm": "linf",
+        "eps": 0.2,
+        "n": n,
+        "seed": 0,
+        "batch_size": 64,
+    }
+    return evaluate({**base, **spec}, model, artifacts=store, data_root="")
+
+
+def metric(result, name: str) -> float:
+    return next(m.value for m in result.metrics if m.name == name)

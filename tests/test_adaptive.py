@@ -6,50 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.artifacts import ArtifactStore
 from scheduler.leaderboard import _masking_flags
+from tests.service_helpers import metric as _metric
+from tests.service_helpers import run_eval
 from workers import outcomes
 from workers.adaptive import BPDA, EOT, attack_surface
 from workers.defenses import build_defense
 from workers.evaluate import evaluate
-from workers.models import InputSpec
 
 N = 64
 
 
-@pytest.fixture
-def stored(tmp_path, digits_models):
-    """The standard digits model in an artifact store, as a model row would name it."""
-    store = tmp_path / "artifacts"
-    sha = ArtifactStore(store).put_file(digits_models["standard"])
-    model = {
-        "id": "m" * 64,
-        "name": "standard",
-        "arch": "small-cnn",
-        "dataset": "digits",
-        "input_spec": InputSpec(1, 8, 8, 10).to_dict(),
-        "weights_sha256": sha,
-    }
-    return model, str(store)
-
-
 def _run(stored, **spec):
-    model, store = stored
-    base = {
-        "dataset": "digits",
-        "attack": "pgd",
-        "params": {"steps": 10},
-        "norm": "linf",
-        "eps": 0.2,
-        "n": N,
-        "seed": 0,
-        "batch_size": 64,
-    }
-    return evaluate({**base, **spec}, model, artifacts=store, data_root="")
-
-
-def _metric(result, name):
-    return next(m.value for m in result.metrics if m.name == name)
+    return run_eval(stored, n=N, **spec)
 
 
 @pytest.mark.parametrize("defense", ["jpeg", "bit-depth"])

@@ -156,6 +156,21 @@ def evaluate(
 ) -> JobResult:
     start = time.perf_counter()
     device = pick_device()
+
+    def finish(metrics, clean, robust, details) -> JobResult:
+        """The job's result: per-example outcomes packed, where and how it ran."""
+        return JobResult(
+            metrics=metrics,
+            n=len(clean),
+            clean=outcomes.pack(clean),
+            robust=outcomes.pack(robust),
+            worker_host=socket.gethostname(),
+            device=device_label or str(device),
+            code_version=code_version(),
+            seconds=time.perf_counter() - start,
+            details=details,
+        )
+
     net = load_model(model, spec["dataset"], artifacts, device)
     defended = net
     if spec.get("defense"):
@@ -193,17 +208,7 @@ def evaluate(
             progress=progress,
         )
         clean = logits_of(net, x, int(spec.get("batch_size", 256))).argmax(1) == y
-        return JobResult(
-            metrics=metrics,
-            n=len(y),
-            clean=outcomes.pack(clean),
-            robust=outcomes.pack(clean),
-            worker_host=socket.gethostname(),
-            device=device_label or str(device),
-            code_version=code_version(),
-            seconds=time.perf_counter() - start,
-            details=details,
-        )
+        return finish(metrics, clean, clean, details)
     if spec.get("kind") == "corruption":
         batch_size = int(spec.get("batch_size", 256))
         clean = logits_of(defended, x, batch_size).argmax(1) == y
@@ -215,17 +220,7 @@ def evaluate(
         ]
         if progress:
             progress(len(y), len(y))
-        return JobResult(
-            metrics=metrics,
-            n=len(y),
-            clean=outcomes.pack(clean),
-            robust=outcomes.pack(clean),
-            worker_host=socket.gethostname(),
-            device=device_label or str(device),
-            code_version=code_version(),
-            seconds=time.perf_counter() - start,
-            details={},
-        )
+        return finish(metrics, clean, clean, {})
     if spec.get("kind") == "calibration":
         metrics, details, clean, robust = calibration_job(
             spec,
@@ -239,17 +234,7 @@ def evaluate(
         )
         if progress:
             progress(len(y), len(y))
-        return JobResult(
-            metrics=metrics,
-            n=len(y),
-            clean=outcomes.pack(clean),
-            robust=outcomes.pack(clean & robust),
-            worker_host=socket.gethostname(),
-            device=device_label or str(device),
-            code_version=code_version(),
-            seconds=time.perf_counter() - start,
-            details=details,
-        )
+        return finish(metrics, clean, clean & robust, details)
     flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
 
     attack = build_attack(spec["attack"], spec.get("params") or {})
@@ -308,14 +293,4 @@ def evaluate(
         flags.extend(reliability.curve_flags(sweep, curve))
     if checkpoint:
         checkpoint.clear()
-    return JobResult(
-        metrics=metrics,
-        n=len(y),
-        clean=outcomes.pack(result.clean_correct),
-        robust=outcomes.pack(result.robust & result.clean_correct),
-        worker_host=socket.gethostname(),
-        device=device_label or str(device),
-        code_version=code_version(),
-        seconds=time.perf_counter() - start,
-        details=details,
-    )
+    return finish(metrics, result.clean_correct, result.robust & result.clean_correct, details)
