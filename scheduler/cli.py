@@ -40,6 +40,17 @@ def _print_json(data) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
 
+def _show(rows: list, as_json: bool, what: str, tables) -> None:
+    """A listing as JSON, a line saying there is nothing yet, or rich tables."""
+    if as_json:
+        _print_json([asdict(r) for r in rows])
+    elif not rows:
+        console.print(f"No finished {what} evaluations yet.")
+    else:
+        for table in tables(rows):
+            console.print(table)
+
+
 @click.group(
     cls=GauntletGroup,
     context_settings={"auto_envvar_prefix": "GAUNTLET", "help_option_names": ["-h", "--help"]},
@@ -133,13 +144,7 @@ def leaderboard(ctx, dataset, as_json):
     from scheduler.leaderboard import leaderboard as board
 
     entries = board(_app(ctx).engine, dataset=dataset)
-    if as_json:
-        _print_json([asdict(e) for e in entries])
-        return
-    if not entries:
-        console.print("No finished evaluations yet.")
-    for table in render.leaderboard_tables(entries):
-        console.print(table)
+    _show(entries, as_json, "robustness", render.leaderboard_tables)
 
 
 @main.command()
@@ -188,12 +193,7 @@ def calibration(ctx, dataset, as_json):
     from scheduler.calibration_board import calibration_table
 
     rows = calibration_table(_app(ctx).engine, dataset=dataset)
-    if as_json:
-        _print_json([asdict(r) for r in rows])
-    elif not rows:
-        console.print("No finished calibration evaluations yet.")
-    else:
-        console.print(render.calibration_table(rows))
+    _show(rows, as_json, "calibration", lambda r: [render.calibration_table(r)])
 
 
 @main.command()
@@ -205,12 +205,7 @@ def corruption(ctx, dataset, as_json):
     from scheduler.calibration_board import calibration_table
 
     rows = calibration_table(_app(ctx).engine, dataset=dataset, kind="corruption")
-    if as_json:
-        _print_json([asdict(r) for r in rows])
-    elif not rows:
-        console.print("No finished corruption evaluations yet.")
-    else:
-        console.print(render.corruption_table(rows))
+    _show(rows, as_json, "corruption", lambda r: [render.corruption_table(r)])
 
 
 @main.command()
@@ -222,13 +217,7 @@ def transfer(ctx, dataset, as_json):
     from scheduler.transfer import transfer_matrix
 
     cells = transfer_matrix(_app(ctx).engine, dataset=dataset)
-    if as_json:
-        _print_json([asdict(c) for c in cells])
-    elif not cells:
-        console.print("No finished transfer evaluations yet.")
-    else:
-        for table in render.transfer_tables(cells):
-            console.print(table)
+    _show(cells, as_json, "transfer", render.transfer_tables)
 
 
 @main.command()

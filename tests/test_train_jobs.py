@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
+from db.schema import MetricRow
 from scheduler import lifecycle
 from scheduler.executors import LocalExecutor
 from scheduler.leaderboard import leaderboard
 from scheduler.train import request_training
 from tests.service_helpers import make_app, submit_digits
+
+
+def _robust_accuracy(engine, job_id: int) -> float:
+    stmt = sa.select(MetricRow.value).where(
+        MetricRow.job_id == job_id, MetricRow.name == "robust_accuracy"
+    )
+    with engine.connect() as conn:
+        return conn.execute(stmt).scalar_one()
 
 
 def _suite(tmp_path, text: str) -> str:
@@ -73,21 +83,11 @@ def test_defensive_distillation_resists_fgsm_but_not_cw(tmp_path, digits_models)
         n=100,
     )
     app.dispatcher(LocalExecutor()).run(drain=True)
-    jobs = [j for j in lifecycle.list_jobs(app.engine, model="base+distillation")]
-    robust = {}
-    for job in jobs:
-        full = lifecycle.get_job(app.engine, job["id"])
-        if job["attack"] in ("fgsm", "cw-l2"):
-            import sqlalchemy as sa
-
-            from db.schema import MetricRow
-
-            with app.engine.connect() as conn:
-                robust[job["attack"]] = conn.execute(
-                    sa.select(MetricRow.value).where(
-                        MetricRow.job_id == full["id"], MetricRow.name == "robust_accuracy"
-                    )
-                ).scalar_one()
+    robust = {
+        job["attack"]: _robust_accuracy(app.engine, job["id"])
+        for job in lifecycle.list_jobs(app.engine, model="base+distillation")
+        if job["attack"] in ("fgsm", "cw-l2")
+    }
     # The saturated softmax hides the gradient from FGSM; CW works on the logits.
     assert robust["fgsm"] > 0.6
     assert robust["cw-l2"] < robust["fgsm"] - 0.3
