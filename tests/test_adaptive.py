@@ -18,7 +18,7 @@ N = 64
 
 
 def _run(stored, **spec):
-    return run_eval(stored, n=N, **spec)
+    return run_eval(stored, **{"n": N, **spec})
 
 
 @pytest.mark.parametrize("defense", ["jpeg", "bit-depth"])
@@ -142,3 +142,60 @@ def test_outcomes_of_a_defended_job_are_judged_on_the_defended_model(stored):
     clean = outcomes.unpack(result.clean, N)
     robust = outcomes.unpack(result.robust, N)
     assert not (robust & ~clean).any()
+
+
+@pytest.fixture(scope="module")
+def stored_28(tmp_path_factory):
+    """A small CNN trained on digits-28: random resize and pad needs room to move pixels."""
+    from cluster.artifacts import ArtifactStore
+    from workers.datasets import load_split
+    from workers.models import InputSpec, save_classifier
+    from workers.training import train_classifier
+
+    folder = tmp_path_factory.mktemp("digits28")
+    spec = InputSpec(1, 28, 28, 10)
+    x, y = load_split("digits-28", "train", None)
+    net = train_classifier(x, y, arch="small-cnn", spec=spec, epochs=10, seed=0)
+    save_classifier(net, folder / "net.safetensors")
+    store = folder / "artifacts"
+    sha = ArtifactStore(store).put_file(folder / "net.safetensors")
+    model = {
+        "id": "r" * 64,
+        "name": "standard-28",
+        "arch": "small-cnn",
+        "dataset": "digits-28",
+        "input_spec": spec.to_dict(),
+        "weights_sha256": sha,
+    }
+    return model, str(store)
+
+
+def test_random_resize_pad_loses_most_of_its_robustness_under_eot(stored_28):
+    common = {"dataset": "digits-28", "eps": 0.15, "params": {"steps": 10}, "n": 128}
+    bare = _run(stored_28, **common)
+    defended = {**common, "defense": "random-resize-pad", "defense_params": {"max_scale": 1.15}}
+    plain = _run(stored_28, adaptive=False, **defended)
+    eot = _run(stored_28, adaptive=True, eot_samples=8, **defended)
+    assert _metric(plain, "clean_accuracy") > 0.8  # the transform keeps the model usable
+    assert eot.details["adaptations"] == ["eot-8"]
+    # Against plain PGD the defense appears to add a lot of robustness ...
+    apparent = _metric(plain, "robust_accuracy") - _metric(bare, "robust_accuracy")
+    assert apparent > 0.3
+    # ... and EOT takes most of it away (Athalye et al. 2018 broke Xie et al. 2018 so).
+    remaining = _metric(eot, "robust_accuracy") - _metric(bare, "robust_accuracy")
+    assert remaining < 0.3 * apparent
+
+
+def test_random_resize_pad_draws_per_image_and_keeps_geometry():
+    rrp = build_defense("random-resize-pad", {"max_scale": 2.0}, None)
+    torch.manual_seed(0)
+    out = rrp.transform(torch.ones(256, 1, 16, 16))
+    # A white image scaled to side r on a canvas of side 2h covers (r / 2h)^2 of it,
+    # r uniform in [h, 2h]: between a quarter and all of the output, about 0.58 on average.
+    covered = out.mean(dim=(1, 2, 3))
+    assert covered.min() > 0.2 and covered.max() <= 1.0 + 1e-6
+    assert covered.std() > 0.1  # each image has its own draw
+    assert abs(covered.mean().item() - 7 / 12) < 0.05  # E[(r/2h)^2] = 7/12 for r ~ U[h, 2h]
+    almost_identity = build_defense("random-resize-pad", {"max_scale": 1.0001}, None)
+    x = torch.rand(4, 3, 12, 12)
+    assert torch.allclose(almost_identity.transform(x), x, atol=5e-3)

@@ -119,27 +119,31 @@ def test_dknn_accuracy_close_to_model_and_credibility_drops_under_fgsm(dknn, sta
 # ---------------------------------------------------------------------------- quilting
 
 
+def _fitted(**params) -> Quilting:
+    defense = Quilting(**params)
+    defense.fit(*load_split("digits", "train", None))
+    return defense
+
+
 def test_quilting_registered_repr_and_bad_params():
     assert DEFENSES["quilting"] is Quilting
-    defense = build_defense("quilting", {"dataset": "digits"}, None)
-    assert not defense.differentiable and not defense.randomized
-    assert repr(defense) == "Quilting(patch=3, database_size=5000, dataset='digits', seed=0)"
-    assert repr(defense) == repr(build_defense("quilting", {"dataset": "digits"}, None))
+    defense = build_defense("quilting", {"patch": 2}, None)
+    assert not defense.differentiable and not defense.randomized and defense.needs_fit
+    assert repr(defense) == "Quilting(patch=2, database_size=5000, seed=0)"
+    assert repr(defense) == repr(build_defense("quilting", {"patch": 2}, None))
     for bad in (
         {"patch": 0},
         {"patch": 2.5},
         {"database_size": 0},
         {"seed": -1},
-        {"dataset": 3},
-        {"dataset": ""},
         {"radius": 1},
     ):
         with pytest.raises(GauntletError):
             build_defense("quilting", bad, None)
-    with pytest.raises(GauntletError, match="dataset"):
+    with pytest.raises(GauntletError, match="no patch database"):
         Quilting().transform(torch.zeros(1, 1, 8, 8))
     with pytest.raises(GauntletError, match="larger"):
-        Quilting(patch=9, dataset="digits").transform(torch.zeros(1, 1, 8, 8))
+        _fitted(patch=9)
 
 
 def test_database_is_deterministic_and_capped():
@@ -149,13 +153,13 @@ def test_database_is_deterministic_and_capped():
     assert torch.equal(a, patch_database(x, 3, 500, seed=1))
     assert not torch.equal(a, patch_database(x, 3, 500, seed=2))
     assert len(torch.unique(a, dim=0)) == 500
-    assert Quilting(dataset="digits", database_size=300).database_tensor().shape == (300, 9)
+    assert _fitted(database_size=300).database_tensor().shape == (300, 9)
 
 
 @pytest.mark.parametrize("patch", [2, 3, 4])
 def test_quilted_images_consist_of_database_patches(test_points, patch):
     x, _ = test_points
-    defense = Quilting(patch=patch, database_size=400, dataset="digits")
+    defense = _fitted(patch=patch, database_size=400)
     database = defense.database_tensor()
     out = defense.transform((x[:20] + 0.05 * torch.randn_like(x[:20])).clamp(0, 1))
     assert out.shape == x[:20].shape
@@ -179,7 +183,8 @@ def test_quilted_images_consist_of_database_patches(test_points, patch):
 
 def test_quilting_keeps_clean_accuracy_and_passes_no_gradient(standard, test_points):
     x, y = test_points
-    defense = build_defense("quilting", {"dataset": "digits"}, standard)
+    defense = build_defense("quilting", {}, standard)
+    defense.fit(*load_split("digits", "train", None))
     clean = _accuracy(standard, x, y)
     quilted = _accuracy(defense, x, y)
     print(f"clean accuracy {clean:.3f}, with quilting {quilted:.3f}")

@@ -29,6 +29,10 @@ class EOT(torch.nn.Module):
     2018), at ``samples`` times the cost of one pass.
     """
 
+    # Attacks read this: a misclassifying pass on a random model may be a lucky draw, so
+    # they optimise for all their steps instead of stopping at the first success.
+    stop_early = False
+
     def __init__(self, model: torch.nn.Module, samples: int):
         super().__init__()
         self.model = model

@@ -159,6 +159,25 @@ def _load_digits(split: str, root: Path | None) -> tuple[torch.Tensor, torch.Ten
 register_dataset(DatasetInfo("digits", 1, 8, 8, 10, (0.0,), (1.0,), 450), _load_digits, scale=16.0)
 
 
+def _load_digits_28(split: str, root: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same images and split, upsampled bilinearly to MNIST's 28x28.
+
+    At 8x8 one pixel is an eighth of the image, so spatial defenses (random resize and
+    pad, quilting, JPEG's 8x8 blocks) have no room to act; at 28x28 they behave as on
+    MNIST, and the data still ships offline.
+    """
+    small, labels = _load_digits(split, root)
+    big = torch.nn.functional.interpolate(
+        small.float() * (255.0 / 16.0), size=(28, 28), mode="bilinear", align_corners=False
+    )
+    return big.round().clamp(0, 255).to(torch.uint8), labels
+
+
+register_dataset(
+    DatasetInfo("digits-28", 1, 28, 28, 10, (0.0,), (1.0,), 450), _load_digits_28, scale=255.0
+)
+
+
 # --- torchvision datasets: read from data_root, never downloaded implicitly ---
 
 

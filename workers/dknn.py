@@ -11,7 +11,7 @@ cause even when the final prediction is confidently wrong.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -111,6 +111,41 @@ class DeepKNN:
         # Sorted so that |{a in A : a >= t}| is one searchsorted per query.
         cal_alpha = self.nonconformity(x_cal).gather(1, y_cal.long().view(-1, 1)).squeeze(1)
         self.calibration, _ = torch.sort(cal_alpha)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The index and calibration scores as named tensors (for a safetensors artifact)."""
+        tensors = {f"features.{i}": f.contiguous() for i, f in enumerate(self.train_features)}
+        tensors["train_labels"] = self.train_labels.contiguous()
+        tensors["calibration"] = self.calibration.contiguous()
+        tensors["num_classes"] = torch.tensor(self.num_classes)
+        return tensors
+
+    @classmethod
+    def from_tensors(
+        cls,
+        model: nn.Module,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        layers: Sequence[Layer] | None = None,
+        k: int = DEFAULT_K,
+        batch_size: int = 256,
+    ) -> DeepKNN:
+        """A DkNN over ``model`` from ``to_tensors`` output, without recomputing features."""
+        knn = cls.__new__(cls)
+        knn.model, knn.k, knn.batch_size = model, k, batch_size
+        knn.layers = knn._resolve(layers)
+        try:
+            knn.train_features = [tensors[f"features.{i}"].float() for i in range(len(knn.layers))]
+            knn.train_labels = tensors["train_labels"].long()
+            knn.calibration = tensors["calibration"]
+            knn.num_classes = int(tensors["num_classes"])
+        except KeyError as exc:
+            raise GauntletError(f"The stored DkNN state lacks {exc.args[0]!r}") from None
+        if any(len(f) != len(knn.train_labels) for f in knn.train_features) or k > len(
+            knn.train_labels
+        ):
+            raise GauntletError("The stored DkNN state does not fit this model and k")
+        return knn
 
     def _resolve(self, layers: Sequence[Layer] | None) -> list[tuple[nn.Module, bool]]:
         if layers is None:

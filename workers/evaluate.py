@@ -28,7 +28,8 @@ from workers.calibrate import calibration_job, logits_of
 from workers.checkpoint import Checkpoint
 from workers.corruptions import corruption_metrics
 from workers.datasets import dataset_info, eval_subset, load_split
-from workers.defenses import build_defense
+from workers.defense_state import prepare_defense
+from workers.defenses import Defense, build_defense
 from workers.metrics import attack_metrics
 from workers.models import InputSpec, load_classifier
 from workers.result import JobResult, Metric
@@ -84,16 +85,42 @@ class SurrogateEnsemble(torch.nn.Module):
         return torch.stack([m(x) for m in self.members]).mean(dim=0)
 
 
-def _judge(defended, x, x_adv, y, batch_size: int):
-    """(clean correct, robust) on the deployed model, whatever the attack ran on."""
-    clean, after = [], []
+def decide(defended, x, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, accepted) of the deployed model; only rejecting defenses refuse."""
+    preds, accepted = [], []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
-            sl = slice(start, start + batch_size)
-            clean.append(defended(x[sl]).argmax(1) == y[sl])
-            after.append(defended(x_adv[sl]).argmax(1) == y[sl])
-    clean_t, after_t = torch.cat(clean), torch.cat(after)
-    return clean_t, clean_t & after_t
+            xb = x[start : start + batch_size]
+            if isinstance(defended, Defense):
+                pred, ok = defended.decide(xb)
+            else:
+                pred = defended(xb).argmax(1)
+                ok = torch.ones_like(pred, dtype=torch.bool)
+            preds.append(pred)
+            accepted.append(ok)
+    return torch.cat(preds), torch.cat(accepted)
+
+
+def _judge(defended, x, x_adv, y, batch_size: int):
+    """(clean correct, robust) on the deployed model, whatever the attack ran on.
+
+    A rejected clean input is not a correct answer; a rejected adversarial input is a
+    defended one (the attack did not get a wrong label through).
+    """
+    pred, accepted = decide(defended, x, batch_size)
+    pred_adv, accepted_adv = decide(defended, x_adv, batch_size)
+    clean = (pred == y) & accepted
+    return clean, clean & ((pred_adv == y) | ~accepted_adv)
+
+
+def rejection_metrics(defended, x, x_adv, batch_size: int) -> list[Metric]:
+    """Shares of clean and of adversarial inputs the defense refused to answer."""
+    metrics = []
+    for name, inputs in (("rejected_clean", x), ("rejected_adversarial", x_adv)):
+        k = int((~decide(defended, inputs, batch_size)[1]).sum())
+        low, high = outcomes.wilson_interval(k, len(x))
+        metrics.append(Metric(name, k / len(x), len(x), low, high))
+    return metrics
 
 
 def run_chunks(
@@ -118,7 +145,11 @@ def run_chunks(
         torch.manual_seed(seed * 1_000_003 + start)  # randomized defenses draw from here
         part = attack(surface, x[sl], y[sl], threat, batch_size=batch_size, generator=generator)
         clean, robust = part.clean_correct, part.robust
-        if defended is not surface or getattr(defended, "randomized", False):
+        if (
+            defended is not surface
+            or getattr(defended, "randomized", False)
+            or getattr(defended, "rejects", False)
+        ):
             # Judge on the deployed model with fresh randomness: an attack on a random
             # model stops at the first lucky draw, which says little about the next one.
             clean, robust = _judge(defended, x[sl], part.x_adv, y[sl], batch_size)
@@ -168,13 +199,22 @@ def evaluate(
             device=device_label or str(device),
             code_version=code_version(),
             seconds=time.perf_counter() - start,
-            details=details,
+            # Which fitted defense state (an artifact) the job used, if any.
+            details={**details, "defense_state": defense_state} if defense_state else details,
         )
 
     net = load_model(model, spec["dataset"], artifacts, device)
     defended = net
+    defense_state = None
     if spec.get("defense"):
         defended = build_defense(spec["defense"], spec.get("defense_params"), net).eval()
+        defense_state = prepare_defense(
+            defended,
+            dataset=spec["dataset"],
+            model_sha=model.get("weights_sha256"),
+            artifacts=artifacts,
+            data_root=data_root,
+        )
     surface, adaptations = attack_surface(
         defended, adaptive=spec.get("adaptive", True), eot_samples=spec.get("eot_samples", 10)
     )
@@ -267,6 +307,8 @@ def evaluate(
     }
     if spec.get("defense"):
         details["defense_config"] = repr(defended)
+    if getattr(defended, "rejects", False):
+        metrics.extend(rejection_metrics(defended, x, result.x_adv, batch_size))
     if getattr(attack, "breakdown", None):
         details["breakdown"] = dict(attack.breakdown)  # points each ensemble member broke
     sweep = sorted(float(e) for e in spec.get("eps_sweep") or [])

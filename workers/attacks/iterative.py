@@ -62,6 +62,8 @@ def iterate(
         xa = xa.detach()
         active_per_step.append(len(idx))
         done = reached(logits.detach(), y0, t0)
+        if not getattr(model, "stop_early", True):
+            done = torch.zeros_like(done)  # a random surface: see PGD.run
         out = done.nonzero().squeeze(1)
         if len(out):
             x_adv.index_copy_(0, idx[out], xa[out])

@@ -74,6 +74,10 @@ class PGD(Attack):
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         active_per_step: list[int] = []
         idx = torch.arange(len(x), device=x.device)  # points still robust
+        # On a randomized surface (EOT) one forward pass that misclassifies is a lucky
+        # draw, not a success: stopping there leaves the point at the smallest margin,
+        # where the next draw classifies it correctly. Such surfaces run every step.
+        stop_early = getattr(model, "stop_early", True)
         for _ in range(self.restarts):
             if not len(idx):
                 break
@@ -96,6 +100,8 @@ class PGD(Attack):
                 # The same forward pass says who is fooled already: they leave the active
                 # set with the point that fooled them and are never computed again.
                 wrong = logits.detach().argmax(dim=1) != y0
+                if not stop_early:
+                    wrong = torch.zeros_like(wrong)
                 out = wrong.nonzero().squeeze(1)
                 if len(out):
                     done = idx[out]

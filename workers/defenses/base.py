@@ -31,6 +31,15 @@ class Defense(torch.nn.Module):
     name: ClassVar[str]
     differentiable: ClassVar[bool] = True
     randomized: ClassVar[bool] = False
+    # Built from training data (quilting's patch database, DkNN's index): the evaluation
+    # fits the defense once, keeps the fitted state as an artifact and loads it in later
+    # jobs (see ``workers.defense_state``). ``fit_uses_model``: the state depends on the
+    # weights too, not only on the data.
+    needs_fit: ClassVar[bool] = False
+    fit_uses_model: ClassVar[bool] = False
+    # May refuse to answer (DkNN's low credibility): ``decide`` says which inputs it
+    # accepts, and a rejected adversarial input counts as a defended one.
+    rejects: ClassVar[bool] = False
 
     def __init__(self, model: torch.nn.Module | None = None):
         super().__init__()
@@ -53,6 +62,24 @@ class Defense(torch.nn.Module):
             # graph connected so attacks see zeros instead of an autograd error.
             xt = xt.detach() + 0 * x
         return self.model(xt)
+
+    def decide(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted labels, accepted) as deployed; only rejecting defenses refuse."""
+        with torch.no_grad():
+            pred = self(x).argmax(dim=1)
+        return pred, torch.ones_like(pred, dtype=torch.bool)
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Build the state from training images and labels (``needs_fit`` defenses)."""
+        raise NotImplementedError(f"{self.name} is not fitted from data")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state as named tensors (stored as safetensors: data, not code)."""
+        raise NotImplementedError(f"{self.name} has no fitted state")
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore what ``state_tensors`` returned; GauntletError if it does not fit."""
+        raise NotImplementedError(f"{self.name} has no fitted state")
 
     def bpda_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Same output as ``forward``; the backward pass treats the transform as identity."""

@@ -9,7 +9,7 @@ attacks use BPDA (Athalye et al. 2018 broke it that way).
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -19,7 +19,6 @@ from cluster.errors import GauntletError
 from workers.attacks.base import expect_int
 from workers.defenses.base import Defense, register_defense
 
-DATA_ROOT_ENV = "GAUNTLET_DATA_ROOT"
 # Query tiles per torch.cdist call: bounds memory at chunk * database_size floats.
 _CHUNK = 2048
 
@@ -56,13 +55,13 @@ def _starts(size: int, patch: int) -> list[int]:
 class Quilting(Defense):
     """Replace each ``patch`` x ``patch`` tile by its nearest clean training patch.
 
-    The database comes from the ``dataset`` training split (root from the
-    ``GAUNTLET_DATA_ROOT`` environment variable), built lazily on first use, or is set
-    directly with ``set_database`` (e.g. restored from a stored artifact).
+    The database is fitted from the training split of the job's dataset and kept as the
+    defense's artifact (``workers.defense_state``), or set directly with ``set_database``.
     """
 
     name = "quilting"
     differentiable = False
+    needs_fit = True
 
     def __init__(
         self,
@@ -70,25 +69,27 @@ class Quilting(Defense):
         *,
         patch: int = 3,
         database_size: int = 5000,
-        dataset: str | None = None,
         seed: int = 0,
     ):
         super().__init__(model)
         self.patch = expect_int("patch", patch, 1, 32)
         self.database_size = expect_int("database_size", database_size, 1, 1_000_000)
         self.seed = expect_int("seed", seed, 0)
-        if dataset is not None and (not isinstance(dataset, str) or not dataset):
-            raise GauntletError(f"Expected `dataset` to be a dataset name, but got {dataset!r}")
-        self.dataset = dataset
         self._database: torch.Tensor | None = None
 
     def config(self) -> dict[str, Any]:
-        return {
-            "patch": self.patch,
-            "database_size": self.database_size,
-            "dataset": self.dataset,
-            "seed": self.seed,
-        }
+        return {"patch": self.patch, "database_size": self.database_size, "seed": self.seed}
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._database = patch_database(x.cpu(), self.patch, self.database_size, self.seed)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"database": self.database_tensor()}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if "database" not in tensors:
+            raise GauntletError("The stored quilting state has no `database` tensor")
+        self.set_database(tensors["database"])
 
     def set_database(self, database: torch.Tensor) -> None:
         """Use ``database`` ((m, C*patch*patch) rows) instead of building one."""
@@ -100,17 +101,11 @@ class Quilting(Defense):
         self._database = database.detach().float().cpu().contiguous()
 
     def database_tensor(self) -> torch.Tensor:
-        """The patch database, built from the training split if not built or set yet."""
         if self._database is None:
-            if self.dataset is None:
-                raise GauntletError(
-                    "quilting needs `dataset` (whose training images supply the patches) "
-                    "or a database given with set_database"
-                )
-            from workers.datasets import load_split
-
-            x, _ = load_split(self.dataset, "train", os.environ.get(DATA_ROOT_ENV) or None)
-            self._database = patch_database(x, self.patch, self.database_size, self.seed)
+            raise GauntletError(
+                "quilting has no patch database yet: fit it on training images or give "
+                "one with set_database"
+            )
         return self._database
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,18 @@ class JPEG(Defense):
 class RandomResizePad(Defense):
     """Random resizing and padding (Xie et al. 2018), then back to the input size.
 
-    Differentiable for a fixed draw, but random: adaptive attacks need EOT over draws.
+    Each image gets its own draw: it is scaled to a random side ``r`` in
+    ``[h, h * max_scale]`` and placed at a random offset on a zero canvas of side
+    ``h * max_scale``, which is then resized back to ``h``. The composition is one affine
+    map of coordinates, so it runs as a single ``grid_sample`` (one interpolation instead
+    of two, and no Python loop over images). Differentiable for a fixed draw, but
+    random: adaptive attacks need EOT over draws.
     """
 
     name = "random-resize-pad"
     randomized = True
 
-    def __init__(self, model=None, *, max_scale: float = 1.25):
+    def __init__(self, model=None, *, max_scale: float = 1.15):
         super().__init__(model)
         self.max_scale = expect_float("max_scale", max_scale, 1.0, 4.0)
 
@@ -71,14 +76,21 @@ class RandomResizePad(Defense):
         return {"max_scale": self.max_scale}
 
     def transform(self, x):
-        n, _, h, w = x.shape
-        big = max(h + 1, round(h * self.max_scale))
-        size = int(torch.randint(h, big, (1,)))
-        resized = F.interpolate(x, size=(size, size * w // h), mode="bilinear", align_corners=False)
-        pad_h, pad_w = big - resized.shape[2], big - resized.shape[3]
-        top, left = int(torch.randint(0, pad_h + 1, (1,))), int(torch.randint(0, pad_w + 1, (1,)))
-        padded = F.pad(resized, (left, pad_w - left, top, pad_h - top))
-        return F.interpolate(padded, size=(h, w), mode="bilinear", align_corners=False)
+        n = x.shape[0]
+        # Draws come from the global generator, which the evaluation seeds per chunk.
+        scale = 1.0 + (self.max_scale - 1.0) * torch.rand(n, 1, device=x.device)
+        # Offsets in units of the resized image, one per axis: (top, left) / r.
+        offset = (self.max_scale - scale) * torch.rand(n, 2, device=x.device) / scale
+        # Output u in [-1, 1] covers the canvas; the image occupies canvas coordinates
+        # [offset, offset + 1] * r, so in the image's own normalised coordinates
+        # v = (max_scale / scale) * (u + 1) - 2 * offset - 1.
+        a = self.max_scale / scale
+        theta = torch.zeros(n, 2, 3, device=x.device, dtype=x.dtype)
+        theta[:, 0, 0] = theta[:, 1, 1] = a.squeeze(1)
+        theta[:, 0, 2] = (a.squeeze(1) - 2 * offset[:, 1] - 1).to(x.dtype)  # x: left
+        theta[:, 1, 2] = (a.squeeze(1) - 2 * offset[:, 0] - 1).to(x.dtype)  # y: top
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @register_defense
