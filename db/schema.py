@@ -178,3 +178,23 @@ class Outcome(Base):
     n: Mapped[int]
     clean: Mapped[bytes] = mapped_column(sa.LargeBinary)
     robust: Mapped[bytes] = mapped_column(sa.LargeBinary)
+
+
+class SubTask(Base):
+    """One piece of a job that ran as its own task (a PATE teacher): where and when.
+
+    A job that fans out (teachers trained in parallel) records each piece, so whether
+    they really ran in parallel, and on which node and GPU, is visible in SQL.
+    """
+
+    __tablename__ = "subtasks"
+    __table_args__ = (sa.UniqueConstraint("job_id", "name", name="uq_subtasks_job_id_name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(100))
+    node_id: Mapped[str | None] = mapped_column(sa.String(100))
+    worker_pid: Mapped[int | None]
+    gpu_ids: Mapped[Any] = mapped_column(sa.JSON, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)

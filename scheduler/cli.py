@@ -184,6 +184,121 @@ def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus, static)
     console.print(f"train job {job_id} queued" if new else "this training was already requested")
 
 
+def _settings(pairs: tuple[str, ...]) -> dict:
+    """``--set key=value`` pairs, each value parsed as JSON (a bare word stays a string)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise GauntletError(f"Expected --set KEY=VALUE, but got {pair!r}")
+        try:
+            settings[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key] = raw
+    return settings
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--defense",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "transfer", "distillation", "finetune"]),
+)
+@click.option("--trigger", type=click.Choice(["pixel", "pattern", "square", "blend"]))
+@click.option("--poison-rate", type=float, help="Share of the training set poisoned (0.1).")
+@click.option("--mode", type=click.Choice(["all-to-one", "all-to-all"]))
+@click.option("--target", type=int, help="All-to-one target class (0).")
+@click.option("--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable).")
+@click.option("-n", "n", type=int, default=200, show_default=True, help="Test points scored.")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True)
+@click.pass_context
+def backdoor(ctx, model, defense, trigger, poison_rate, mode, target, pairs, n, num_gpus):
+    """Plant a BadNets backdoor in MODEL's architecture and measure a defense against it."""
+    from scheduler.train import request_job
+
+    options = {"trigger": trigger, "poison_rate": poison_rate, "mode": mode, "target": target}
+    params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
+    app = _app(ctx)
+    job_id, new = request_job(
+        app.engine, app.queue, model, "backdoor", defense, params, n=n, num_gpus=num_gpus
+    )
+    console.print(f"backdoor job {job_id} queued" if new else "this job was already requested")
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--aggregator",
+    default="gnmax",
+    show_default=True,
+    type=click.Choice(["lnmax", "gnmax", "confident-gnmax"]),
+)
+@click.option("--teachers", type=int, help="Teachers on disjoint partitions (10).")
+@click.option("--backdoored-teachers", type=int, help="Teachers given a backdoor (0).")
+@click.option("--teacher-gpus", type=float, help="GPUs per teacher task; fractions share one.")
+@click.option("--no-noise", is_flag=True, help="Plain plurality vote (no privacy).")
+@click.option("--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable).")
+@click.option("-n", "n", type=int, default=200, show_default=True, help="Test points scored.")
+@click.pass_context
+def pate(ctx, model, aggregator, teachers, backdoored_teachers, teacher_gpus, no_noise, pairs, n):
+    """Train PATE teachers (parallel Ray tasks) and a student for MODEL's architecture."""
+    from scheduler.train import request_job
+
+    options = {
+        "teachers": teachers,
+        "backdoored_teachers": backdoored_teachers,
+        "teacher_gpus": teacher_gpus,
+        "noise": False if no_noise else None,
+    }
+    params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
+    app = _app(ctx)
+    job_id, new = request_job(app.engine, app.queue, model, "pate", aggregator, params, n=n)
+    console.print(f"pate job {job_id} queued" if new else "this job was already requested")
+
+
+@main.command()
+@click.option("--dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def backdoors(ctx, dataset, as_json):
+    """Backdoor table: trigger and poison rate x defense -> clean accuracy and ASR."""
+    from scheduler.track_board import track_table
+
+    rows = track_table(_app(ctx).engine, "backdoor", dataset=dataset)
+    _show(rows, as_json, "backdoor", lambda r: [render.backdoor_table(r)])
+
+
+@main.command()
+@click.option("--dataset")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def privacy(ctx, dataset, as_json):
+    """Privacy table (PATE): eps, delta, student accuracy and the student's ASR."""
+    from scheduler.track_board import track_table
+
+    rows = track_table(_app(ctx).engine, "pate", dataset=dataset)
+    _show(rows, as_json, "PATE", lambda r: [render.privacy_table(r)])
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def subtasks(ctx, job_id, as_json):
+    """Where and when the pieces of a job (PATE teachers) ran."""
+    from scheduler import lifecycle
+
+    rows = lifecycle.list_subtasks(_app(ctx).engine, job_id)
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        console.print(f"Job {job_id} recorded no sub-tasks.")
+    else:
+        console.print(render.subtasks_table(rows))
+
+
 @main.command()
 @click.option("--dataset")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

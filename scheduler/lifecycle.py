@@ -10,7 +10,7 @@ write anything, and its late result is dropped instead of overwriting the new on
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from cluster.errors import GauntletError
-from db.schema import Job, JobStatus, MetricRow, Model, Outcome, utcnow
+from db.schema import Job, JobStatus, MetricRow, Model, Outcome, SubTask, utcnow
 from workers.result import JobResult
 
 # JobStatus is re-exported: callers compare get_job()['status'] against it.
@@ -257,7 +257,27 @@ def finish(
                 job_id=job_id, n=result.n, clean=bytes(result.clean), robust=bytes(result.robust)
             )
         )
+        conn.execute(sa.delete(SubTask).where(SubTask.job_id == job_id))
+        if result.subtasks:
+            conn.execute(
+                sa.insert(SubTask),
+                [{"job_id": job_id, **asdict(record)} for record in result.subtasks],
+            )
     return True
+
+
+def list_subtasks(engine: sa.Engine, job_id: int) -> list[dict]:
+    """The recorded sub-tasks of a job, in start order."""
+    stmt = sa.select(SubTask).where(SubTask.job_id == job_id).order_by(SubTask.started_at)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).mappings().all()
+    return [
+        {
+            k: row[k]
+            for k in ("name", "node_id", "worker_pid", "gpu_ids", "started_at", "finished_at")
+        }
+        for row in rows
+    ]
 
 
 def fail(

@@ -107,6 +107,97 @@ def corruption_table(rows) -> Table:
     return table
 
 
+def backdoor_table(rows) -> Table:
+    """Trigger and poison rate x defense: clean accuracy and ASR before and after."""
+    table = Table(
+        title="backdoors",
+        caption="ASR on triggered test images whose label is not the target; "
+        "before: the backdoored model, after: the defended one",
+    )
+    for column in ("model", "dataset", "trigger", "poison", "defense", "n"):
+        table.add_column(column)
+    for column in ("clean before", "ASR before", "clean after", "ASR after"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        s = r.settings
+        table.add_row(
+            r.model,
+            r.dataset,
+            f"{s.get('trigger', '?')} ({s.get('mode', 'all-to-one')})",
+            _pct(s.get("poison_rate")),
+            _defense_label(r),
+            str(r.n),
+            _pct(r.metrics.get("backdoored_clean_accuracy")),
+            _pct(r.metrics.get("backdoored_attack_success_rate")),
+            _pct(r.metrics.get("clean_accuracy")),
+            _pct(r.metrics.get("attack_success_rate")),
+        )
+    return table
+
+
+def _defense_label(row) -> str:
+    s = row.settings
+    if row.method == "transfer":
+        detail = f"{s.get('task')}, {'frozen' if s.get('freeze') else 'full'}"
+        if s.get("amplify", 1) != 1:
+            detail += f", x{s.get('amplify'):g}"
+        return f"transfer ({detail})"
+    if row.method == "distillation":
+        triggered = s.get("triggered_fraction", 0)
+        return f"distillation (T={s.get('temperature'):g}" + (
+            f", {_pct(triggered)} triggered)" if triggered else ")"
+        )
+    if row.method == "finetune":
+        return f"fine-tune ({_pct(s.get('fraction'))} clean)"
+    return row.method
+
+
+def privacy_table(rows) -> Table:
+    """PATE runs: the privacy spent, what the student learned, and the backdoor's fate."""
+    table = Table(
+        title="privacy (PATE)",
+        caption="eps: data-dependent (data-independent bound in brackets); "
+        "ASR: student on triggered test images",
+    )
+    for column in ("model", "dataset", "aggregator", "teachers", "backdoored", "answered"):
+        table.add_column(column)
+    for column in ("eps", "delta", "student acc", "student ASR"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        s, m = r.settings, r.metrics
+        eps = "no noise" if "eps" not in m else f"{m['eps']:.3f} ({m['eps_data_independent']:.3f})"
+        table.add_row(
+            r.model,
+            r.dataset,
+            r.method,
+            str(s.get("teachers", "?")),
+            str(s.get("backdoored_teachers", 0)),
+            _pct(m.get("answered")),
+            eps,
+            "-" if "delta" not in m else f"{m['delta']:g}",
+            _pct(m.get("student_accuracy")),
+            _pct(m.get("student_attack_success_rate")),
+        )
+    return table
+
+
+def subtasks_table(rows: list[dict]) -> Table:
+    table = Table(title=f"{len(rows)} sub-tasks")
+    for column in ("name", "node", "pid", "gpus", "started", "seconds"):
+        table.add_column(column)
+    for r in rows:
+        seconds = (r["finished_at"] - r["started_at"]).total_seconds()
+        table.add_row(
+            r["name"],
+            (r["node_id"] or "local")[:12],
+            str(r["worker_pid"]),
+            ",".join(r["gpu_ids"] or []) or "-",
+            r["started_at"].strftime("%H:%M:%S.%f")[:-3],
+            f"{seconds:.1f}",
+        )
+    return table
+
+
 def _entry_name(row) -> str:
     return row.model if not row.defense else f"{row.model} + {row.defense}"
 

@@ -23,7 +23,26 @@ EVAL_VERSION = 1
 #: under the attack, when the job has a threat).
 #: train: a training-time defense (``attack`` names the method) producing a derived model.
 #: corruption: accuracy and calibration under common corruptions (distribution shift).
-KINDS = ("eval", "calibration", "corruption", "train")
+#: backdoor: BadNets training, and a backdoor defense (``attack`` names it) measured on it.
+#: pate: teachers, a noisy aggregate (``attack`` names it), a student, and the privacy cost.
+KINDS = ("eval", "calibration", "corruption", "train", "backdoor", "pate")
+
+
+def _settings_checker(kind: str):
+    """For kinds whose ``attack`` names a procedure: its validator (settings with defaults)."""
+    if kind == "train":
+        from workers.train_job import check_train
+
+        return check_train
+    if kind == "backdoor":
+        from workers.backdoor_job import check_backdoor
+
+        return check_backdoor
+    if kind == "pate":
+        from workers.pate_job import check_pate
+
+        return check_pate
+    return None
 
 
 def canonical_json(value: Any) -> str:
@@ -87,10 +106,9 @@ class JobSpec:
         """The attack's resolved configuration, defaults included (its stable repr)."""
         from workers.attacks import build_attack
 
-        if self.kind == "train":
-            from workers.train_job import check_train
-
-            return f"train:{self.attack}:{canonical_json(check_train(self.attack, self.params))}"
+        check = _settings_checker(self.kind)
+        if check is not None:
+            return f"{self.kind}:{self.attack}:{canonical_json(check(self.attack, self.params))}"
         return repr(build_attack(self.attack, self.params))
 
     def defense_config(self) -> str | None:
@@ -120,10 +138,9 @@ class JobSpec:
             raise GauntletError(
                 f"Expected `batch_size` to be a positive int, but got {self.batch_size!r}"
             )
-        if self.kind == "train":
-            from workers.train_job import check_train
-
-            check_train(self.attack, self.params)
+        check = _settings_checker(self.kind)
+        if check is not None:
+            check(self.attack, self.params)
             return
         threat = None if self.norm is None else Threat(self.norm, float(self.eps))
         validate_attack(self.attack, self.params, threat)

@@ -26,6 +26,37 @@ def find_model(engine, ref: str) -> dict:
     return matches[0]
 
 
+def request_job(
+    engine,
+    queue: JobQueue,
+    ref: str,
+    kind: str,
+    method: str,
+    params: dict,
+    *,
+    n: int = 200,
+    num_gpus: float = 0.0,
+    suite: str | None = None,
+) -> tuple[int, bool]:
+    """Queue one ``kind`` job (train, backdoor, pate) for model ``ref``; (id or 0, new?)."""
+    from scheduler.spec import Resources
+
+    model = find_model(engine, ref)
+    spec = JobSpec(
+        model_id=model["id"],
+        dataset=model["dataset"],
+        attack=method,
+        params=dict(params),
+        kind=kind,
+        n=n,
+        resources=Resources(num_gpus=num_gpus),
+    )
+    spec.validate()
+    inserted = lifecycle.insert_jobs(engine, new_jobs([spec], suite))
+    enqueue_new(engine, queue)
+    return (inserted[0] if inserted else 0), bool(inserted)
+
+
 def request_training(
     engine,
     queue: JobQueue,
@@ -36,23 +67,11 @@ def request_training(
     n: int = 200,
     num_gpus: float = 0.0,
 ) -> tuple[int, bool]:
-    """Queue a train job for model ``ref``; (job id or 0, whether it is new)."""
-    from scheduler.spec import Resources
-
-    model = find_model(engine, ref)
-    spec = JobSpec(
-        model_id=model["id"],
-        dataset=model["dataset"],
-        attack=method,
-        params=dict(params),
-        kind="train",
-        n=n,
-        resources=Resources(num_gpus=num_gpus),
+    """Queue a train job for model ``ref``; its derived model is evaluated with the suite."""
+    suite = params.get("suite", "quick")
+    return request_job(
+        engine, queue, ref, "train", method, params, n=n, num_gpus=num_gpus, suite=suite
     )
-    spec.validate()
-    inserted = lifecycle.insert_jobs(engine, new_jobs([spec], params.get("suite", "quick")))
-    enqueue_new(engine, queue)
-    return (inserted[0] if inserted else 0), bool(inserted)
 
 
 def register_derived(engine, queue: JobQueue, job_id: int) -> str | None:

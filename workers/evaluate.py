@@ -24,6 +24,7 @@ from cluster.errors import GauntletError
 from workers import outcomes, reliability
 from workers.adaptive import attack_surface
 from workers.attacks import AttackResult, Threat, build_attack
+from workers.backdoor_job import backdoor_job
 from workers.calibrate import calibration_job, logits_of
 from workers.checkpoint import Checkpoint
 from workers.corruptions import corruption_metrics
@@ -32,6 +33,7 @@ from workers.defense_state import prepare_defense
 from workers.defenses import Defense, build_defense
 from workers.metrics import attack_metrics
 from workers.models import InputSpec, load_classifier
+from workers.pate_job import pate_job
 from workers.result import JobResult, Metric
 from workers.train_job import train_job
 
@@ -188,7 +190,7 @@ def evaluate(
     start = time.perf_counter()
     device = pick_device()
 
-    def finish(metrics, clean, robust, details) -> JobResult:
+    def finish(metrics, clean, robust, details, subtasks=()) -> JobResult:
         """The job's result: per-example outcomes packed, where and how it ran."""
         return JobResult(
             metrics=metrics,
@@ -201,6 +203,7 @@ def evaluate(
             seconds=time.perf_counter() - start,
             # Which fitted defense state (an artifact) the job used, if any.
             details={**details, "defense_state": defense_state} if defense_state else details,
+            subtasks=list(subtasks),
         )
 
     net = load_model(model, spec["dataset"], artifacts, device)
@@ -249,6 +252,18 @@ def evaluate(
         )
         clean = logits_of(net, x, int(spec.get("batch_size", 256))).argmax(1) == y
         return finish(metrics, clean, clean, details)
+    if spec.get("kind") == "backdoor":
+        metrics, details, clean, robust = backdoor_job(
+            spec, model, net, x_eval=x, y_eval=y, data_root=data_root, progress=progress
+        )
+        return finish(metrics, clean, robust, details)
+    if spec.get("kind") == "pate":
+        metrics, details, clean, robust, subtasks = pate_job(
+            spec, model, x_eval=x, y_eval=y, indices=indices, data_root=data_root, device=device
+        )
+        if progress:
+            progress(len(y), len(y))
+        return finish(metrics, clean, robust, details, subtasks)
     if spec.get("kind") == "corruption":
         batch_size = int(spec.get("batch_size", 256))
         clean = logits_of(defended, x, batch_size).argmax(1) == y

@@ -38,6 +38,8 @@ class JobResult:
     code_version: str = ""
     seconds: float = 0.0
     details: dict = field(default_factory=dict)
+    # Pieces of the job that ran as their own tasks (``workers.fanout.SubTaskRecord``).
+    subtasks: list = field(default_factory=list)
 
 
 @dataclass
