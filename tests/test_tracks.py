@@ -17,40 +17,8 @@ from tests.service_helpers import make_app, submit_digits
 PATE = {"teachers": 4, "backdoored_teachers": 1, "epochs": 25, "student_epochs": 25}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local Ray with two CPUs and one logical GPU, shared as quarters by teachers."""
-    import ray
-
-    ray.init(
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
-    yield ray
-    ray.shutdown()
-
-
 def _metrics(engine, kind: str) -> list:
     return track_table(engine, kind)
-
-
-@pytest.fixture(params=["embedded", "servers"])
-def stack(request, tmp_path):
-    """The embedded defaults, or the machine's PostgreSQL and Redis servers."""
-    if request.param == "embedded":
-        return {}
-    from db.session import upgrade
-
-    db_url = request.getfixturevalue("postgres_url")
-    upgrade(db_url)
-    return {
-        "GAUNTLET_DB_URL": db_url,
-        "GAUNTLET_REDIS_URL": request.getfixturevalue("redis_server_url"),
-        "GAUNTLET_REDIS_PREFIX": f"gtest-tracks-{tmp_path.name[-12:]}",
-    }
 
 
 @pytest.mark.ray
