@@ -32,6 +32,9 @@ def test_pate_teachers_run_as_parallel_ray_tasks(tmp_path, digits_models, ray_lo
     assert stats.failed == 0, lifecycle.list_jobs(app.engine)
     records = lifecycle.list_subtasks(app.engine, job_id)
     assert sorted(r["name"] for r in records) == [f"teacher-{t}" for t in range(4)]
+    # Progress counted teachers as they finished, then the student.
+    progress = app.redis.hgetall(f"{app.settings.redis_prefix}:progress:{job_id}")
+    assert progress == {"done": "5", "total": "5"}
     # Each teacher held a quarter of the one logical GPU, in its own worker process.
     assert all(r["gpu_ids"] == ["0"] for r in records)
     assert len({r["worker_pid"] for r in records}) >= 2

@@ -259,10 +259,15 @@ def evaluate(
         return finish(metrics, clean, robust, details)
     if spec.get("kind") == "pate":
         metrics, details, clean, robust, subtasks = pate_job(
-            spec, model, x_eval=x, y_eval=y, indices=indices, data_root=data_root, device=device
+            spec,
+            model,
+            x_eval=x,
+            y_eval=y,
+            indices=indices,
+            data_root=data_root,
+            device=device,
+            progress=progress,
         )
-        if progress:
-            progress(len(y), len(y))
         return finish(metrics, clean, robust, details, subtasks)
     if spec.get("kind") == "corruption":
         batch_size = int(spec.get("batch_size", 256))

@@ -68,14 +68,21 @@ def run_parallel(
     *,
     num_gpus: float = 0.0,
     num_cpus: float = 1.0,
+    on_done: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Any], list[SubTaskRecord]]:
     """``fn(*args)`` for every ``(name, args)``: values in order, and their records.
 
     Under Ray each piece is a task with ``num_gpus`` (fractions allowed) and
     ``num_cpus``; a piece that raises fails the whole call with its exception.
+    ``on_done(finished, total)`` is called as pieces finish (a job's progress).
     """
+    total = len(pieces)
     if not _under_ray():
-        outputs = [_recorded(name, fn, args) for name, args in pieces]
+        outputs = []
+        for name, args in pieces:
+            outputs.append(_recorded(name, fn, args))
+            if on_done:
+                on_done(len(outputs), total)
     else:
         import ray
 
@@ -86,5 +93,12 @@ def run_parallel(
                 f"each sub-task asks for {num_gpus:g} GPUs, but the cluster has {available:g}"
             )
         remote = ray.remote(max_retries=0)(_recorded).options(num_gpus=num_gpus, num_cpus=num_cpus)
-        outputs = ray.get([remote.remote(name, fn, args) for name, args in pieces])
+        refs = [remote.remote(name, fn, args) for name, args in pieces]
+        waiting = list(refs)
+        while waiting:
+            finished, waiting = ray.wait(waiting, num_returns=1)
+            ray.get(finished)  # raises at once if a piece failed
+            if on_done:
+                on_done(total - len(waiting), total)
+        outputs = ray.get(refs)
     return [value for value, _ in outputs], [record for _, record in outputs]

@@ -14,6 +14,8 @@ student (and the privacy analysis) may see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -186,9 +188,20 @@ def _privacy(method: str, counts: torch.Tensor, answered: torch.Tensor, s: dict)
 
 
 def pate_job(
-    spec: dict, model: dict, *, x_eval, y_eval, indices, data_root: str, device
+    spec: dict,
+    model: dict,
+    *,
+    x_eval,
+    y_eval,
+    indices,
+    data_root: str,
+    device,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Metric], dict, torch.Tensor, torch.Tensor, list]:
-    """(metrics, details, student correct, student correct under trigger, sub-task records)."""
+    """(metrics, details, student correct, student correct under trigger, sub-task records).
+
+    ``progress(done, teachers + 1)``: each teacher that finishes, then the student.
+    """
     s = check_pate(spec["attack"], spec.get("params") or {})
     method, seed = spec["attack"], int(spec["seed"])
     input_spec = InputSpec.from_dict(model["input_spec"])
@@ -223,7 +236,15 @@ def pate_job(
             seed * 1_000 + t,
         )
         pieces.append((f"teacher-{t}", args))
-    outputs, records = run_parallel(train_teacher, pieces, num_gpus=s["teacher_gpus"])
+    steps = s["teachers"] + 1
+
+    def teacher_done(done: int, _total: int) -> None:
+        if progress:
+            progress(done, steps)
+
+    outputs, records = run_parallel(
+        train_teacher, pieces, num_gpus=s["teacher_gpus"], on_done=teacher_done
+    )
     pub_votes = torch.stack([o[0] for o in outputs])
     probe_votes = torch.stack([o[1] for o in outputs])
 
@@ -244,6 +265,8 @@ def pate_job(
         seed=seed,
     )
     student = frozen(student)
+    if progress:
+        progress(steps, steps)
     correct = predict(student, x_eval.to(device)).cpu() == y_eval
     triggered = predict(student, trigger.stamp(x_eval).to(device)).cpu()
     wanted = backdoor_labels(y_eval, "all-to-one", s["target"], num_classes)
