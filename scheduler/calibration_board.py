@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from db.schema import Job, JobStatus, MetricRow, Model
+from db.schema import Job
+from scheduler.job_metrics import done_metric_rows
 
 COLUMNS = (
     "accuracy",
@@ -37,37 +38,20 @@ def calibration_table(
     engine: sa.Engine, *, dataset: str | None = None, kind: str = "calibration"
 ) -> list[CalibrationRow]:
     """The latest done job of ``kind`` per model, defense and subset, with its metrics."""
-    stmt = (
-        sa.select(
-            Job.id,
-            Model.id,
-            Model.name,
-            Job.defense,
-            Job.dataset,
-            Job.subset_key,
-            MetricRow.name,
-            MetricRow.value,
-            MetricRow.n,
-        )
-        .join(Model, Model.id == Job.model_id)
-        .join(MetricRow, MetricRow.job_id == Job.id)
-        .where(Job.status == JobStatus.done, Job.kind == kind)
-        .order_by(Job.id)
-    )
-    if dataset is not None:
-        stmt = stmt.where(Job.dataset == dataset)
     rows: dict[tuple, CalibrationRow] = {}
     latest: dict[tuple, int] = {}
-    with engine.connect() as conn:
-        for job_id, model_id, name, defense, ds, subset, metric, value, n in conn.execute(stmt):
-            key = (model_id, defense, ds, subset)
-            if latest.get(key, job_id) != job_id:
-                rows.pop(key, None)  # a later calibration job replaces an earlier one
-            latest[key] = job_id
-            row = rows.setdefault(key, CalibrationRow(model_id, name, defense, ds, subset, 0, {}))
-            row.metrics[metric] = value
-            if metric in ("accuracy", "clean_accuracy"):
-                row.n = n
+    columns = (Job.defense, Job.dataset, Job.subset_key)
+    for job_id, model_id, name, defense, ds, subset, metric, value, n in done_metric_rows(
+        engine, kind, columns, dataset=dataset
+    ):
+        key = (model_id, defense, ds, subset)
+        if latest.get(key, job_id) != job_id:
+            rows.pop(key, None)  # a later calibration job replaces an earlier one
+        latest[key] = job_id
+        row = rows.setdefault(key, CalibrationRow(model_id, name, defense, ds, subset, 0, {}))
+        row.metrics[metric] = value
+        if metric in ("accuracy", "clean_accuracy"):
+            row.n = n
     order = "ece" if kind == "calibration" else "mean_corruption_accuracy"
     sign = 1 if kind == "calibration" else -1
     return sorted(

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from db.schema import Job, JobStatus, MetricRow, Model
+from db.schema import Job
+from scheduler.job_metrics import done_metric_rows
 
 
 @dataclass
@@ -29,32 +30,13 @@ class TrackRow:
 
 def track_table(engine: sa.Engine, kind: str, *, dataset: str | None = None) -> list[TrackRow]:
     """Done jobs of ``kind`` (backdoor or pate) with their metrics and settings."""
-    stmt = (
-        sa.select(
-            Job.id,
-            Model.id,
-            Model.name,
-            Job.dataset,
-            Job.attack,
-            Job.details,
-            MetricRow.name,
-            MetricRow.value,
-            MetricRow.n,
-        )
-        .join(Model, Model.id == Job.model_id)
-        .join(MetricRow, MetricRow.job_id == Job.id)
-        .where(Job.status == JobStatus.done, Job.kind == kind)
-        .order_by(Job.id)
-    )
-    if dataset is not None:
-        stmt = stmt.where(Job.dataset == dataset)
     rows: dict[int, TrackRow] = {}
-    with engine.connect() as conn:
-        for job_id, model_id, name, ds, method, details, metric, value, n in conn.execute(stmt):
-            settings = (details or {}).get("settings") or {}
-            row = rows.setdefault(
-                job_id, TrackRow(job_id, model_id, name, ds, method, settings, 0, {})
-            )
-            row.metrics[metric] = value
-            row.n = max(row.n, n)
+    columns = (Job.dataset, Job.attack, Job.details)
+    for job_id, model_id, name, ds, method, details, metric, value, n in done_metric_rows(
+        engine, kind, columns, dataset=dataset
+    ):
+        settings = (details or {}).get("settings") or {}
+        row = rows.setdefault(job_id, TrackRow(job_id, model_id, name, ds, method, settings, 0, {}))
+        row.metrics[metric] = value
+        row.n = max(row.n, n)
     return sorted(rows.values(), key=lambda r: (r.dataset, r.model, r.method, r.job_id))
