@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/attacks.py
 	$(BIN)/python bench/whitebox.py
 	$(BIN)/python bench/autoattack.py
+	$(BIN)/python bench/pate.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
