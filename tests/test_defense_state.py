@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from cluster.artifacts import ArtifactStore
+from cluster.errors import GauntletError
 from tests.service_helpers import metric, run_eval
 from workers import outcomes
 from workers.datasets import load_split
@@ -84,5 +85,5 @@ def test_dknn_state_depends_on_the_model(stored, digits_models, tmp_path):
 
 
 def test_unfitted_dknn_says_so():
-    with pytest.raises(Exception, match="not fitted"):
+    with pytest.raises(GauntletError, match="not fitted"):
         DkNN(torch.nn.Linear(64, 10)).decide(torch.zeros(2, 64))
