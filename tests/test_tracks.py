@@ -17,10 +17,6 @@ from tests.service_helpers import make_app, submit_digits
 PATE = {"teachers": 4, "backdoored_teachers": 1, "epochs": 25, "student_epochs": 25}
 
 
-def _metrics(engine, kind: str) -> list:
-    return track_table(engine, kind)
-
-
 @pytest.mark.ray
 def test_pate_teachers_run_as_parallel_ray_tasks(tmp_path, digits_models, ray_local, stack):
     app = make_app(tmp_path / "home", **stack)
@@ -48,7 +44,7 @@ def test_pate_teachers_run_as_parallel_ray_tasks(tmp_path, digits_models, ray_lo
         and b["started_at"] < a["finished_at"]
     ]
     assert overlaps
-    (row,) = _metrics(app.engine, "pate")
+    (row,) = track_table(app.engine, "pate")
     m = row.metrics
     # The planted teacher learned its backdoor; the vote of four did not pass it on.
     assert m["backdoored_teacher_attack_success_rate"] > 0.5
@@ -75,7 +71,7 @@ def test_pate_without_noise_is_the_plurality_and_claims_no_privacy(tmp_path, dig
     params = {**PATE, "noise": False}
     request_job(app.engine, app.queue, "base", "pate", "lnmax", params, n=150)
     assert app.dispatcher(LocalExecutor()).run(drain=True).failed == 0
-    (row,) = _metrics(app.engine, "pate")
+    (row,) = track_table(app.engine, "pate")
     assert "eps" not in row.metrics and row.metrics["answered"] == 1.0
     # Run by the local executor, the teachers still leave their records.
     (job,) = [j for j in lifecycle.list_jobs(app.engine) if j["kind"] == "pate"]
