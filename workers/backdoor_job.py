@@ -209,7 +209,7 @@ def backdoor_job(
     elif method == "finetune":
         xs, ys = clean_subset(x_train, y_train, s["fraction"], seed)
         details["clean_images"] = len(ys)
-        defended = fine_tune(backdoored, xs, ys, batch_size=32, **common)
+        defended = fine_tune(backdoored, xs, ys, **common)
     elif method == "distillation":
         defended = distill(
             backdoored,
@@ -230,28 +230,21 @@ def backdoor_job(
             source = amplify_backdoor(source, neurons, s["amplify"], probe)
             details["amplified_neurons"] = len(neurons)
         if split:
-            defended = transfer_learn(
-                source,
-                x_new,
-                y_new,
-                new_head=True,
-                num_classes=len(SPLIT_TARGET),
-                freeze_features=s["freeze"],
-                batch_size=s["batch_size"],
-                **common,
-            )
-            x_eval, y_eval = x_eval_new, y_eval_new
+            # A new head for the new classes; scored on them from here on.
+            x_tune, y_tune, x_eval, y_eval = x_new, y_new, x_eval_new, y_eval_new
         else:
-            x_train, x_eval = shift_domain(x_train), shift_domain(x_eval)
-            defended = transfer_learn(
-                source,
-                x_train,
-                y_train,
-                new_head=False,
-                freeze_features=s["freeze"],
-                batch_size=s["batch_size"],
-                **common,
-            )
+            # The same labels on a shifted domain: the trigger is stamped after the shift.
+            x_tune, y_tune, x_eval = shift_domain(x_train), y_train, shift_domain(x_eval)
+        defended = transfer_learn(
+            source,
+            x_tune,
+            y_tune,
+            new_head=split,
+            num_classes=len(SPLIT_TARGET) if split else None,
+            freeze_features=s["freeze"],
+            batch_size=s["batch_size"],
+            **common,
+        )
     step()
     if split:
         # The new task has no target class: what survives is the trigger's damage.

@@ -104,39 +104,44 @@ def decide(defended, x, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _judge(defended, x, x_adv, y, batch_size: int):
-    """(clean correct, robust) on the deployed model, whatever the attack ran on.
+    """(clean correct, robust, rejected) on the deployed model, whatever the attack ran on.
 
     A rejected clean input is not a correct answer; a rejected adversarial input is a
-    defended one (the attack did not get a wrong label through).
+    defended one (the attack did not get a wrong label through). ``rejected`` is (n, 2):
+    the clean input, the adversarial one.
     """
     pred, accepted = decide(defended, x, batch_size)
     pred_adv, accepted_adv = decide(defended, x_adv, batch_size)
     clean = (pred == y) & accepted
-    return clean, clean & ((pred_adv == y) | ~accepted_adv)
+    rejected = torch.stack([~accepted, ~accepted_adv], dim=1)
+    return clean, clean & ((pred_adv == y) | ~accepted_adv), rejected
 
 
-def rejection_metrics(defended, x, x_adv, batch_size: int) -> list[Metric]:
+def rejection_metrics(rejected: torch.Tensor) -> list[Metric]:
     """Shares of clean and of adversarial inputs the defense refused to answer."""
     metrics = []
-    for name, inputs in (("rejected_clean", x), ("rejected_adversarial", x_adv)):
-        k = int((~decide(defended, inputs, batch_size)[1]).sum())
-        low, high = outcomes.wilson_interval(k, len(x))
-        metrics.append(Metric(name, k / len(x), len(x), low, high))
+    for column, name in enumerate(("rejected_clean", "rejected_adversarial")):
+        k, n = int(rejected[:, column].sum()), len(rejected)
+        low, high = outcomes.wilson_interval(k, n)
+        metrics.append(Metric(name, k / n, n, low, high))
     return metrics
 
 
 def run_chunks(
     attack, surface, defended, x, y, threat, *, seed, batch_size, checkpoint, progress
-) -> AttackResult:
+) -> tuple[AttackResult, torch.Tensor]:
+    """The attack's result, and which clean and adversarial inputs were rejected (n, 2)."""
     """Attack in chunks of ``batch_size``, saving per-example state after each chunk."""
     n = len(x)
     state = checkpoint.load() if checkpoint else None
-    if state is None or int(state["done"]) > n or state["x_adv"].shape != x.shape:
+    stale = state is None or "rejected" not in state or state["x_adv"].shape != x.shape
+    if stale or int(state["done"]) > n:
         state = {
             "done": torch.tensor(0),
             "x_adv": x.detach().cpu().clone(),
             "clean": torch.zeros(n, dtype=torch.bool),
             "robust": torch.zeros(n, dtype=torch.bool),
+            "rejected": torch.zeros(n, 2, dtype=torch.bool),
             "queries": torch.zeros(n, dtype=torch.int64),
             "grad_evals": torch.tensor(0),
         }
@@ -154,7 +159,8 @@ def run_chunks(
         ):
             # Judge on the deployed model with fresh randomness: an attack on a random
             # model stops at the first lucky draw, which says little about the next one.
-            clean, robust = _judge(defended, x[sl], part.x_adv, y[sl], batch_size)
+            clean, robust, rejected = _judge(defended, x[sl], part.x_adv, y[sl], batch_size)
+            state["rejected"][sl] = rejected.cpu()
         state["x_adv"][sl] = part.x_adv.detach().cpu()
         state["clean"][sl], state["robust"][sl] = clean.cpu(), robust.cpu()
         if part.queries is not None:
@@ -172,7 +178,7 @@ def run_chunks(
         robust=state["robust"],
         grad_evals=int(state["grad_evals"]),
         queries=state["queries"] if black_box or attack.black_box else None,
-    )
+    ), state["rejected"]
 
 
 def evaluate(
@@ -306,7 +312,7 @@ def evaluate(
 
     batch_size = int(spec.get("batch_size", 256))
     checkpoint = Checkpoint(artifacts, checkpoint_name) if checkpoint_name else None
-    result = run_chunks(
+    result, rejected = run_chunks(
         attack,
         surface,
         defended,
@@ -328,14 +334,14 @@ def evaluate(
     if spec.get("defense"):
         details["defense_config"] = repr(defended)
     if getattr(defended, "rejects", False):
-        metrics.extend(rejection_metrics(defended, x, result.x_adv, batch_size))
+        metrics.extend(rejection_metrics(rejected))
     if getattr(attack, "breakdown", None):
         details["breakdown"] = dict(attack.breakdown)  # points each ensemble member broke
     sweep = sorted(float(e) for e in spec.get("eps_sweep") or [])
     if sweep:
         curve = []
         for eps in sweep:
-            part = run_chunks(
+            part, _ = run_chunks(
                 attack,
                 surface,
                 defended,

@@ -94,11 +94,12 @@ def run_parallel(
             )
         remote = ray.remote(max_retries=0)(_recorded).options(num_gpus=num_gpus, num_cpus=num_cpus)
         refs = [remote.remote(name, fn, args) for name, args in pieces]
+        position = {ref: i for i, ref in enumerate(refs)}
+        outputs = [None] * total
         waiting = list(refs)
         while waiting:
-            finished, waiting = ray.wait(waiting, num_returns=1)
-            ray.get(finished)  # raises at once if a piece failed
+            (finished,), waiting = ray.wait(waiting, num_returns=1)
+            outputs[position[finished]] = ray.get(finished)  # raises if the piece failed
             if on_done:
                 on_done(total - len(waiting), total)
-        outputs = ray.get(refs)
     return [value for value, _ in outputs], [record for _, record in outputs]
