@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from workers.attacks import PGD, Threat  # noqa: E402
+from gauntlet.workers.attacks import PGD, Threat  # noqa: E402
 
 
 def digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,10 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from workers.attacks import Threat, build_attack  # noqa: E402
-from workers.datasets import eval_subset, load_split  # noqa: E402
-from workers.models import InputSpec, load_classifier, save_classifier  # noqa: E402
-from workers.training import train_classifier  # noqa: E402
+from gauntlet.workers.attacks import Threat, build_attack  # noqa: E402
+from gauntlet.workers.datasets import eval_subset, load_split  # noqa: E402
+from gauntlet.workers.models import InputSpec, load_classifier, save_classifier  # noqa: E402
+from gauntlet.workers.training import train_classifier  # noqa: E402
 
 
 def robust_digits_model(eps: float) -> torch.nn.Module:

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain s
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from workers.datasets import eval_subset, load_split  # noqa: E402
-from workers.fanout import run_parallel  # noqa: E402
-from workers.models import InputSpec  # noqa: E402
-from workers.pate_job import check_pate, train_teacher  # noqa: E402
+from gauntlet.workers.datasets import eval_subset, load_split  # noqa: E402
+from gauntlet.workers.fanout import run_parallel  # noqa: E402
+from gauntlet.workers.models import InputSpec  # noqa: E402
+from gauntlet.workers.pate_job import check_pate, train_teacher  # noqa: E402
 
 
 def pieces(teachers: int, epochs: int, teacher_gpus: float) -> list[tuple[str, tuple]]:

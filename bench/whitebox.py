@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attacks import best_times, clean_pass, cnn, digits, replay_bound, train  # noqa: E402
 
-from workers.attacks import Threat, build_attack  # noqa: E402
+from gauntlet.workers.attacks import Threat, build_attack  # noqa: E402
 
 SETTINGS = [
     ("fgsm", {}, "linf"),

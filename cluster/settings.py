@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 #: Every setting, its environment variable and what it means (the README lists these;
 #: a test keeps the two in step).

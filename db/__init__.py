@@ -1,7 +1,7 @@
 """The leaderboard database: schema, engines and sessions, Alembic migrations."""
 
-from db.schema import Base, Job, JobStatus, MetricRow, Model, Outcome
-from db.session import (
+from gauntlet.db.schema import Base, Job, JobStatus, MetricRow, Model, Outcome
+from gauntlet.db.session import (
     current_revision,
     head_revision,
     make_engine,

@@ -19,7 +19,7 @@ from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from cluster import redis_conn
-from cluster.settings import Settings
-from db.session import open_database
-from scheduler.queue import JobQueue
+from gauntlet.cluster import redis_conn
+from gauntlet.cluster.settings import Settings
+from gauntlet.db.session import open_database
+from gauntlet.scheduler.queue import JobQueue
 
 
 class App:
@@ -43,7 +43,7 @@ class App:
         }
 
     def dispatcher(self, executor, *, max_in_flight: int | None = None, on_event=None):
-        from scheduler.dispatcher import Dispatcher
+        from gauntlet.scheduler.dispatcher import Dispatcher
 
         return Dispatcher(
             self.engine,

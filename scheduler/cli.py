@@ -15,9 +15,9 @@ from dataclasses import asdict
 import click
 from rich.console import Console
 
-from cluster.errors import GauntletError
-from scheduler import render
-from scheduler.app import App
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.scheduler import render
+from gauntlet.scheduler.app import App
 
 console = Console()
 err_console = Console(stderr=True)
@@ -74,7 +74,7 @@ def main():
 @click.pass_context
 def submit(ctx, weights, arch, dataset, suite, name, n, mean, std, num_classes, as_json):
     """Submit a safetensors model and enqueue its suite's evaluations."""
-    from scheduler.submit import submit as do_submit
+    from gauntlet.scheduler.submit import submit as do_submit
 
     app = _app(ctx)
     overrides = {
@@ -124,7 +124,7 @@ def _floats(text: str | None, what: str):
 @click.pass_context
 def jobs(ctx, status, model, dataset, limit, as_json):
     """List jobs and their status."""
-    from scheduler import lifecycle
+    from gauntlet.scheduler import lifecycle
 
     rows = lifecycle.list_jobs(
         _app(ctx).engine, status=status, model=model, dataset=dataset, limit=limit
@@ -141,7 +141,7 @@ def jobs(ctx, status, model, dataset, limit, as_json):
 @click.pass_context
 def leaderboard(ctx, dataset, as_json):
     """Rank models by robust accuracy (per-example worst case across attacks)."""
-    from scheduler.leaderboard import leaderboard as board
+    from gauntlet.scheduler.leaderboard import leaderboard as board
 
     entries = board(_app(ctx).engine, dataset=dataset)
     _show(entries, as_json, "robustness", render.leaderboard_tables)
@@ -163,7 +163,7 @@ def leaderboard(ctx, dataset, as_json):
 @click.pass_context
 def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus, static):
     """Train a defended model from MODEL (a name or id prefix) as a job; it is then evaluated."""
-    from scheduler.train import request_training
+    from gauntlet.scheduler.train import request_training
 
     params = {
         k: v
@@ -177,7 +177,7 @@ def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus, static)
     }
     app = _app(ctx)
     if static:
-        from scheduler.train import find_model
+        from gauntlet.scheduler.train import find_model
 
         params["static_models"] = [find_model(app.engine, ref)["id"] for ref in static]
     job_id, new = request_training(app.engine, app.queue, model, method, params, num_gpus=num_gpus)
@@ -216,7 +216,7 @@ def _settings(pairs: tuple[str, ...]) -> dict:
 @click.pass_context
 def backdoor(ctx, model, defense, trigger, poison_rate, mode, target, pairs, n, num_gpus):
     """Plant a BadNets backdoor in MODEL's architecture and measure a defense against it."""
-    from scheduler.train import request_job
+    from gauntlet.scheduler.train import request_job
 
     options = {"trigger": trigger, "poison_rate": poison_rate, "mode": mode, "target": target}
     params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
@@ -244,7 +244,7 @@ def backdoor(ctx, model, defense, trigger, poison_rate, mode, target, pairs, n, 
 @click.pass_context
 def pate(ctx, model, aggregator, teachers, backdoored_teachers, teacher_gpus, no_noise, pairs, n):
     """Train PATE teachers (parallel Ray tasks) and a student for MODEL's architecture."""
-    from scheduler.train import request_job
+    from gauntlet.scheduler.train import request_job
 
     options = {
         "teachers": teachers,
@@ -264,7 +264,7 @@ def pate(ctx, model, aggregator, teachers, backdoored_teachers, teacher_gpus, no
 @click.pass_context
 def backdoors(ctx, dataset, as_json):
     """Backdoor table: trigger and poison rate x defense -> clean accuracy and ASR."""
-    from scheduler.track_board import track_table
+    from gauntlet.scheduler.track_board import track_table
 
     rows = track_table(_app(ctx).engine, "backdoor", dataset=dataset)
     _show(rows, as_json, "backdoor", lambda r: [render.backdoor_table(r)])
@@ -276,7 +276,7 @@ def backdoors(ctx, dataset, as_json):
 @click.pass_context
 def privacy(ctx, dataset, as_json):
     """Privacy table (PATE): eps, delta, student accuracy and the student's ASR."""
-    from scheduler.track_board import track_table
+    from gauntlet.scheduler.track_board import track_table
 
     rows = track_table(_app(ctx).engine, "pate", dataset=dataset)
     _show(rows, as_json, "PATE", lambda r: [render.privacy_table(r)])
@@ -288,7 +288,7 @@ def privacy(ctx, dataset, as_json):
 @click.pass_context
 def subtasks(ctx, job_id, as_json):
     """Where and when the pieces of a job (PATE teachers) ran."""
-    from scheduler import lifecycle
+    from gauntlet.scheduler import lifecycle
 
     rows = lifecycle.list_subtasks(_app(ctx).engine, job_id)
     if as_json:
@@ -305,7 +305,7 @@ def subtasks(ctx, job_id, as_json):
 @click.pass_context
 def calibration(ctx, dataset, as_json):
     """Calibration table: ECE before and after temperature scaling, NLL, Brier, under attack."""
-    from scheduler.calibration_board import calibration_table
+    from gauntlet.scheduler.calibration_board import calibration_table
 
     rows = calibration_table(_app(ctx).engine, dataset=dataset)
     _show(rows, as_json, "calibration", lambda r: [render.calibration_table(r)])
@@ -317,7 +317,7 @@ def calibration(ctx, dataset, as_json):
 @click.pass_context
 def corruption(ctx, dataset, as_json):
     """Corruption table: accuracy and ECE under common corruptions at five severities."""
-    from scheduler.calibration_board import calibration_table
+    from gauntlet.scheduler.calibration_board import calibration_table
 
     rows = calibration_table(_app(ctx).engine, dataset=dataset, kind="corruption")
     _show(rows, as_json, "corruption", lambda r: [render.corruption_table(r)])
@@ -329,7 +329,7 @@ def corruption(ctx, dataset, as_json):
 @click.pass_context
 def transfer(ctx, dataset, as_json):
     """Transferability matrix: success of examples crafted on row model against column."""
-    from scheduler.transfer import transfer_matrix
+    from gauntlet.scheduler.transfer import transfer_matrix
 
     cells = transfer_matrix(_app(ctx).engine, dataset=dataset)
     _show(cells, as_json, "transfer", render.transfer_tables)
@@ -344,7 +344,7 @@ def transfer(ctx, dataset, as_json):
 @click.pass_context
 def scheduler(ctx, drain, max_in_flight, local, num_cpus, num_gpus):
     """Run queued jobs on Ray and write their results (a daemon unless --drain)."""
-    from scheduler.run import run_scheduler
+    from gauntlet.scheduler.run import run_scheduler
 
     stop = {"flag": False}
 
@@ -374,7 +374,7 @@ def scheduler(ctx, drain, max_in_flight, local, num_cpus, num_gpus):
 @click.pass_context
 def nightly(ctx, suites, as_json):
     """Enqueue every model x suite evaluation that has no result yet."""
-    from scheduler.nightly import nightly as run_nightly
+    from gauntlet.scheduler.nightly import nightly as run_nightly
 
     app = _app(ctx)
     report = run_nightly(
@@ -394,7 +394,7 @@ def nightly(ctx, suites, as_json):
 @click.pass_context
 def demo(ctx, num_cpus):
     """Train two digits models, submit them, evaluate on local Ray, show the leaderboard."""
-    from scheduler.demo import run_demo
+    from gauntlet.scheduler.demo import run_demo
 
     run_demo(_app(ctx), console=console, num_cpus=num_cpus)
 
@@ -408,7 +408,7 @@ def db():
 @click.pass_context
 def db_upgrade(ctx):
     """Migrate the database to the newest schema."""
-    from db.session import current_revision, make_engine, upgrade
+    from gauntlet.db.session import current_revision, make_engine, upgrade
 
     app = _app(ctx)
     app.settings.ensure_home()
@@ -427,7 +427,7 @@ def data():
 @click.pass_context
 def data_download(ctx, name):
     """Fetch a torchvision dataset into the data root (the only command that downloads)."""
-    from workers.datasets import download
+    from gauntlet.workers.datasets import download
 
     app = _app(ctx)
     app.settings.ensure_home()

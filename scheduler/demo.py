@@ -12,14 +12,14 @@ import time
 
 from rich.console import Console
 
-from scheduler import render
-from scheduler.app import App
-from scheduler.leaderboard import leaderboard
-from scheduler.run import run_scheduler
-from scheduler.submit import submit
-from workers.datasets import load_split
-from workers.models import save_classifier
-from workers.training import train_classifier
+from gauntlet.scheduler import render
+from gauntlet.scheduler.app import App
+from gauntlet.scheduler.leaderboard import leaderboard
+from gauntlet.scheduler.run import run_scheduler
+from gauntlet.scheduler.submit import submit
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.models import save_classifier
+from gauntlet.workers.training import train_classifier
 
 ARCH = "small-cnn"
 DATASET = "digits"
@@ -36,7 +36,7 @@ def run_demo(
 ) -> list:
     console = console or Console()
     start = time.perf_counter()
-    from scheduler.submit import default_input_spec
+    from gauntlet.scheduler.submit import default_input_spec
 
     spec = default_input_spec(DATASET)
     x, y = load_split(DATASET, "train", app.settings.data_root)
@@ -66,7 +66,7 @@ def run_demo(
     entries = leaderboard(app.engine, dataset=DATASET)
     for table in render.leaderboard_tables(entries):
         console.print(table)
-    from scheduler.calibration_board import calibration_table
+    from gauntlet.scheduler.calibration_board import calibration_table
 
     console.print(render.calibration_table(calibration_table(app.engine, dataset=DATASET)))
     console.print(

@@ -24,10 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from scheduler import lifecycle
-from scheduler.executors import Executor, Handle
-from scheduler.queue import Entry, JobQueue
-from workers.result import JobFailure, JobResult
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.executors import Executor, Handle
+from gauntlet.scheduler.queue import Entry, JobQueue
+from gauntlet.workers.result import JobFailure, JobResult
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Dispatcher:
         job = lifecycle.get_job(self.engine, entry.job_id)
         if job is None or job["status"] in (lifecycle.JobStatus.done, lifecycle.JobStatus.failed):
             if job is not None and job["kind"] == "train":
-                from scheduler.train import register_derived
+                from gauntlet.scheduler.train import register_derived
 
                 register_derived(self.engine, self.queue, job["id"])  # idempotent
             self.queue.ack(entry.entry_id)  # finished already: a duplicate or stale delivery
@@ -182,7 +182,7 @@ class Dispatcher:
                 if outcome.details.get("derived_weights_sha256"):
                     # Before the ack: a crash here leaves the entry to be redelivered,
                     # and registering the same derived model again changes nothing.
-                    from scheduler.train import register_derived
+                    from gauntlet.scheduler.train import register_derived
 
                     register_derived(self.engine, self.queue, job_id)
                 self.queue.ack(entry.entry_id)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from workers.result import JobFailure, JobResult
-from workers.task import run_job
+from gauntlet.workers.result import JobFailure, JobResult
+from gauntlet.workers.task import run_job
 
 
 @dataclass
@@ -90,6 +90,6 @@ class RayExecutor:
             return JobFailure(message=f"{type(cause).__name__}: {cause}", permanent=False)
 
     def max_gpus(self):
-        from cluster.ray_conn import largest_node_gpus
+        from gauntlet.cluster.ray_conn import largest_node_gpus
 
         return largest_node_gpus()

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import sqlalchemy as sa
 
-from db.schema import Job, JobStatus, MetricRow, Model
+from gauntlet.db.schema import Job, JobStatus, MetricRow, Model
 
 
 def done_metric_rows(

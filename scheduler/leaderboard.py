@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import sqlalchemy as sa
 
-from db.schema import Job, JobStatus, Model, Outcome
-from workers.outcomes import unpack, wilson_interval, worst_case
+from gauntlet.db.schema import Job, JobStatus, Model, Outcome
+from gauntlet.workers.outcomes import unpack, wilson_interval, worst_case
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _strongest(clean: np.ndarray, robust_by_attack: dict[str, np.ndarray]) -> st
 
 
 def _is_black_box(attack: str) -> bool:
-    from workers.attacks import ATTACKS
+    from gauntlet.workers.attacks import ATTACKS
 
     cls = ATTACKS.get(attack)
     return attack.startswith("transfer") or bool(cls and cls.black_box)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import redis
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 # Extend or delete the lease only while it still holds our token: a holder whose lease
 # expired must not prolong or free the lease of whoever took it next.

@@ -17,9 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from cluster.errors import GauntletError
-from db.schema import Job, JobStatus, MetricRow, Model, Outcome, SubTask, utcnow
-from workers.result import JobResult
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.db.schema import Job, JobStatus, MetricRow, Model, Outcome, SubTask, utcnow
+from gauntlet.workers.result import JobResult
 
 # JobStatus is re-exported: callers compare get_job()['status'] against it.
 

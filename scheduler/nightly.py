@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from cluster.errors import GauntletError
-from scheduler import lifecycle
-from scheduler.lease import Lease, check_fence
-from scheduler.queue import JobQueue
-from scheduler.submit import enqueue_new, expand_suite, new_jobs
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.lease import Lease, check_fence
+from gauntlet.scheduler.queue import JobQueue
+from gauntlet.scheduler.submit import enqueue_new, expand_suite, new_jobs
 
 LEASE_NAME = "nightly"
 

@@ -71,7 +71,7 @@ def transfer_tables(cells) -> list[Table]:
 
 
 def calibration_table(rows) -> Table:
-    from scheduler.calibration_board import COLUMNS
+    from gauntlet.scheduler.calibration_board import COLUMNS
 
     table = Table(title="calibration", caption="ECE: 15 equal-width bins; adv_: under attack")
     for column in ("model", "dataset", "n", *COLUMNS):
@@ -235,15 +235,15 @@ def jobs_table(rows: list[dict]) -> Table:
 
 def registry_rows(what: str, app=None) -> list[dict]:
     if what == "attacks":
-        from workers.attacks import ATTACKS
+        from gauntlet.workers.attacks import ATTACKS
 
         return [{"name": name, "config": repr(cls())} for name, cls in sorted(ATTACKS.items())]
     if what == "archs":
-        from workers.architectures import architecture_names
+        from gauntlet.workers.architectures import architecture_names
 
         return [{"name": name} for name in architecture_names()]
     if what == "datasets":
-        from workers.datasets import dataset_info, dataset_names
+        from gauntlet.workers.datasets import dataset_info, dataset_names
 
         rows = []
         for name in dataset_names():
@@ -258,13 +258,13 @@ def registry_rows(what: str, app=None) -> list[dict]:
             )
         return rows
     if what == "suites":
-        from scheduler.suites import load_suite, suite_names
+        from gauntlet.scheduler.suites import load_suite, suite_names
 
         return [
             {"name": n, "description": " ".join(load_suite(n).description.split())}
             for n in suite_names()
         ]
-    from scheduler import lifecycle
+    from gauntlet.scheduler import lifecycle
 
     return lifecycle.list_models(app.engine)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from scheduler import lifecycle
-from scheduler.app import App
-from scheduler.executors import LocalExecutor, RayExecutor
-from scheduler.submit import enqueue_new
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.app import App
+from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
+from gauntlet.scheduler.submit import enqueue_new
 
 _FINAL = {"done", "failed", "dead"}
 
@@ -15,7 +15,7 @@ _FINAL = {"done", "failed", "dead"}
 def make_executor(app: App, *, local: bool, num_cpus=None, num_gpus=None):
     if local:
         return LocalExecutor()
-    from cluster.ray_conn import init_ray
+    from gauntlet.cluster.ray_conn import init_ray
 
     init_ray(app.settings, num_cpus=num_cpus, num_gpus=num_gpus)
     return RayExecutor()

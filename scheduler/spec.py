@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 #: Bumped when the evaluation protocol itself changes (subset drawing, metrics).
 EVAL_VERSION = 1
@@ -31,15 +31,15 @@ KINDS = ("eval", "calibration", "corruption", "train", "backdoor", "pate")
 def _settings_checker(kind: str):
     """For kinds whose ``attack`` names a procedure: its validator (settings with defaults)."""
     if kind == "train":
-        from workers.train_job import check_train
+        from gauntlet.workers.train_job import check_train
 
         return check_train
     if kind == "backdoor":
-        from workers.backdoor_job import check_backdoor
+        from gauntlet.workers.backdoor_job import check_backdoor
 
         return check_backdoor
     if kind == "pate":
-        from workers.pate_job import check_pate
+        from gauntlet.workers.pate_job import check_pate
 
         return check_pate
     return None
@@ -104,7 +104,7 @@ class JobSpec:
 
     def attack_config(self) -> str:
         """The attack's resolved configuration, defaults included (its stable repr)."""
-        from workers.attacks import build_attack
+        from gauntlet.workers.attacks import build_attack
 
         check = _settings_checker(self.kind)
         if check is not None:
@@ -114,7 +114,7 @@ class JobSpec:
     def defense_config(self) -> str | None:
         if self.defense is None:
             return None
-        from workers.defenses import build_defense
+        from gauntlet.workers.defenses import build_defense
 
         return repr(build_defense(self.defense, self.defense_params, None))
 
@@ -126,7 +126,7 @@ class JobSpec:
         return self.source_model
 
     def validate(self) -> None:
-        from workers.attacks import Threat, validate_attack
+        from gauntlet.workers.attacks import Threat, validate_attack
 
         if self.kind not in KINDS:
             raise GauntletError(
@@ -147,7 +147,7 @@ class JobSpec:
         for eps in self.eps_sweep:
             validate_attack(self.attack, self.params, Threat(self.norm, float(eps)))
         if self.defense is not None:
-            from workers.defenses import validate_defense
+            from gauntlet.workers.defenses import validate_defense
 
             validate_defense(self.defense, self.defense_params)
         if not isinstance(self.eot_samples, int) or not 1 <= self.eot_samples <= 1000:

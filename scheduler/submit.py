@@ -11,16 +11,16 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.artifacts import ArtifactStore
-from cluster.errors import GauntletError
-from cluster.settings import Settings
-from scheduler import lifecycle
-from scheduler.queue import JobQueue
-from scheduler.spec import JobSpec, canonical_json
-from scheduler.suites import load_suite
-from workers.architectures import check_architecture
-from workers.datasets import dataset_info
-from workers.models import InputSpec, check_safetensors
+from gauntlet.cluster.artifacts import ArtifactStore
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.cluster.settings import Settings
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.queue import JobQueue
+from gauntlet.scheduler.spec import JobSpec, canonical_json
+from gauntlet.scheduler.suites import load_suite
+from gauntlet.workers.architectures import check_architecture
+from gauntlet.workers.datasets import dataset_info
+from gauntlet.workers.models import InputSpec, check_safetensors
 
 
 @dataclass

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from cluster.errors import GauntletError
-from scheduler.spec import JobSpec, Resources
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.scheduler.spec import JobSpec, Resources
 
 _FIELDS = {
     "name",

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from db.schema import Job
-from scheduler.job_metrics import done_metric_rows
+from gauntlet.db.schema import Job
+from gauntlet.scheduler.job_metrics import done_metric_rows
 
 
 @dataclass

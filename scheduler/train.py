@@ -8,12 +8,12 @@ named in the job is expanded for it, so it is evaluated like any submission.
 
 from __future__ import annotations
 
-from cluster.errors import GauntletError
-from scheduler import lifecycle
-from scheduler.queue import JobQueue
-from scheduler.spec import JobSpec
-from scheduler.submit import enqueue_new, expand_suite, model_key, new_jobs
-from workers.models import InputSpec
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.queue import JobQueue
+from gauntlet.scheduler.spec import JobSpec
+from gauntlet.scheduler.submit import enqueue_new, expand_suite, model_key, new_jobs
+from gauntlet.workers.models import InputSpec
 
 
 def find_model(engine, ref: str) -> dict:
@@ -39,7 +39,7 @@ def request_job(
     suite: str | None = None,
 ) -> tuple[int, bool]:
     """Queue one ``kind`` job (train, backdoor, pate) for model ``ref``; (id or 0, new?)."""
-    from scheduler.spec import Resources
+    from gauntlet.scheduler.spec import Resources
 
     model = find_model(engine, ref)
     spec = JobSpec(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from db.schema import Job, JobStatus, MetricRow, Model
+from gauntlet.db.schema import Job, JobStatus, MetricRow, Model
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.settings import Settings
+from gauntlet.cluster.settings import Settings
 
 REDIS_ENV = "GAUNTLET_TEST_REDIS_URL"
 POSTGRES_ENV = "GAUNTLET_TEST_POSTGRES_URL"
@@ -81,7 +81,7 @@ def redis_settings(request, home: Path):
     Keys get a unique prefix so tests never see each other's streams; they are deleted
     before and after.
     """
-    from cluster import redis_conn
+    from gauntlet.cluster import redis_conn
 
     prefix = f"gtest-{uuid.uuid4().hex[:12]}"
     url = request.getfixturevalue("redis_server_url") if request.param == "server" else None
@@ -110,7 +110,7 @@ def db_url(request, tmp_path: Path) -> str:
 def _stop_embedded_redis():
     """Each test's embedded Redis dies with the test (killed: its data is not needed)."""
     yield
-    from cluster import redis_conn
+    from gauntlet.cluster import redis_conn
 
     redis_conn.close_embedded(discard=True)
 
@@ -126,8 +126,8 @@ def digits_models(tmp_path_factory):
 @pytest.fixture
 def stored(tmp_path, digits_models):
     """The standard digits model in an artifact store, as a model row would name it."""
-    from cluster.artifacts import ArtifactStore
-    from workers.models import InputSpec
+    from gauntlet.cluster.artifacts import ArtifactStore
+    from gauntlet.workers.models import InputSpec
 
     store = tmp_path / "artifacts"
     sha = ArtifactStore(store).put_file(digits_models["standard"])
@@ -166,7 +166,7 @@ def stack(request, tmp_path):
         return
     import redis
 
-    from db.session import upgrade
+    from gauntlet.db.session import upgrade
 
     db_url = request.getfixturevalue("postgres_url")
     upgrade(db_url)  # what `gauntlet db upgrade` does; a server database never self-migrates

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from scheduler.app import App
-from scheduler.submit import default_input_spec, submit
+from gauntlet.scheduler.app import App
+from gauntlet.scheduler.submit import default_input_spec, submit
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.models import save_classifier
+from gauntlet.workers.training import train_classifier
 from tests.conftest import make_settings
-from workers.datasets import load_split
-from workers.models import save_classifier
-from workers.training import train_classifier
 
 
 def train_digits_models(folder: Path, epochs: int = 12) -> dict[str, Path]:
@@ -44,7 +44,7 @@ def submit_digits(app: App, weights: Path, **options):
 
 def run_eval(stored: tuple[dict, str], *, n: int, **spec):
     """Evaluate the stored model in-process with a PGD spec, overridden by ``spec``."""
-    from workers.evaluate import evaluate
+    from gauntlet.workers.evaluate import evaluate
 
     model, store = stored
     base = {

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from scheduler.leaderboard import _masking_flags
+from gauntlet.scheduler.leaderboard import _masking_flags
+from gauntlet.workers import outcomes
+from gauntlet.workers.adaptive import BPDA, EOT, attack_surface
+from gauntlet.workers.defenses import build_defense
+from gauntlet.workers.evaluate import evaluate
 from tests.service_helpers import metric as _metric
 from tests.service_helpers import run_eval
-from workers import outcomes
-from workers.adaptive import BPDA, EOT, attack_surface
-from workers.defenses import build_defense
-from workers.evaluate import evaluate
 
 N = 64
 
@@ -147,10 +147,10 @@ def test_outcomes_of_a_defended_job_are_judged_on_the_defended_model(stored):
 @pytest.fixture(scope="module")
 def stored_28(tmp_path_factory):
     """A small CNN trained on digits-28: random resize and pad needs room to move pixels."""
-    from cluster.artifacts import ArtifactStore
-    from workers.datasets import load_split
-    from workers.models import InputSpec, save_classifier
-    from workers.training import train_classifier
+    from gauntlet.cluster.artifacts import ArtifactStore
+    from gauntlet.workers.datasets import load_split
+    from gauntlet.workers.models import InputSpec, save_classifier
+    from gauntlet.workers.training import train_classifier
 
     folder = tmp_path_factory.mktemp("digits28")
     spec = InputSpec(1, 28, 28, 10)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from cluster.errors import GauntletError
-from workers.aggregation import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.aggregation import (
     confident_gnmax,
     gaussian_noise,
     gnmax,

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.attacks import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks import (
     ATTACKS,
     FGSM,
     PGD,
@@ -26,8 +26,8 @@ from workers.attacks import (
     register_attack,
     validate_attack,
 )
-from workers.attacks.base import RunOutput
-from workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.base import RunOutput
+from gauntlet.workers.attacks.norms import get_norm
 
 
 def small_cnn() -> nn.Module:

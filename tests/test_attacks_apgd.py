@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cluster.errors import GauntletError
-from workers.attacks import Threat, build_attack, validate_attack
-from workers.attacks.apgd import apgd_restart, checkpoint_hundredths, checkpoints
-from workers.attacks.fab import box_hyperplane_projection
-from workers.attacks.losses import cross_entropy, dlr, targeted_dlr
-from workers.attacks.norms import get_norm
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks import Threat, build_attack, validate_attack
+from gauntlet.workers.attacks.apgd import apgd_restart, checkpoint_hundredths, checkpoints
+from gauntlet.workers.attacks.fab import box_hyperplane_projection
+from gauntlet.workers.attacks.losses import cross_entropy, dlr, targeted_dlr
+from gauntlet.workers.attacks.norms import get_norm
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -38,14 +38,14 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def robust_model(digits_models):
-    from workers.models import InputSpec, load_classifier
+    from gauntlet.workers.models import InputSpec, load_classifier
 
     return load_classifier(digits_models["robust"], "small-cnn", InputSpec(1, 8, 8, 10)).eval()
 
 
 @pytest.fixture(scope="module")
 def data():
-    from workers.datasets import eval_subset
+    from gauntlet.workers.datasets import eval_subset
 
     x, y, _ = eval_subset("digits", N_POINTS, 0, None)
     return x, y

@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.attacks import Threat, build_attack
-from workers.attacks.nes import estimate_gradient
-from workers.attacks.patch import patch_side
-from workers.attacks.universal import fit_points_subset
-from workers.datasets import eval_subset, load_split
-from workers.models import InputSpec, load_classifier
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks import Threat, build_attack
+from gauntlet.workers.attacks.nes import estimate_gradient
+from gauntlet.workers.attacks.patch import patch_side
+from gauntlet.workers.attacks.universal import fit_points_subset
+from gauntlet.workers.datasets import eval_subset, load_split
+from gauntlet.workers.models import InputSpec, load_classifier
 
 SPEC = InputSpec(1, 8, 8, 10)
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cluster.errors import GauntletError
-from workers.attacks import ATTACKS, Threat, build_attack, validate_attack
-from workers.attacks.norms import get_norm
-from workers.attacks.targets import TARGET_MODES, choose_targets
-from workers.datasets import eval_subset
-from workers.models import InputSpec, load_classifier
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks import ATTACKS, Threat, build_attack, validate_attack
+from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.targets import TARGET_MODES, choose_targets
+from gauntlet.workers.datasets import eval_subset
+from gauntlet.workers.models import InputSpec, load_classifier
 
 NEW = ("bim", "mi-fgsm", "r-fgsm", "pgd-targeted", "deepfool", "cw-l2")
 # Fast CW settings: lr 0.2 lets saturated digit pixels move within 50 steps (see cw.py).

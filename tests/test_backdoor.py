@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from cluster.errors import GauntletError
-from workers.backdoor import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.backdoor import (
     BlendTrigger,
     PatternTrigger,
     PixelTrigger,
@@ -35,9 +35,9 @@ from workers.backdoor import (
     transfer_learn,
     trigger_drop_metrics,
 )
-from workers.datasets import load_split
-from workers.models import InputSpec, Normalized
-from workers.outcomes import wilson_interval
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.models import InputSpec, Normalized
+from gauntlet.workers.outcomes import wilson_interval
 
 SPEC = InputSpec(1, 8, 8, 10)
 TARGET = 0

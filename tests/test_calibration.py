@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
-from cluster.errors import GauntletError
-from workers.calibration import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.calibration import (
     adaptive_ece,
     bin_stats,
     brier,
@@ -21,7 +21,7 @@ from workers.calibration import (
     nll,
     temperature_report,
 )
-from workers.reliability_diagram import reliability_diagram_png
+from gauntlet.workers.reliability_diagram import reliability_diagram_png
 
 
 def _by_name(metrics: list) -> dict:

@@ -8,7 +8,7 @@ import pickle
 import pytest
 from click.testing import CliRunner
 
-from scheduler.cli import main
+from gauntlet.scheduler.cli import main
 
 
 @pytest.fixture

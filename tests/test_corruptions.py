@@ -6,8 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corruption_metrics, pixelate_block
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    corrupt,
+    corruption_metrics,
+    pixelate_block,
+)
 
 NOISE = ("gaussian-noise", "shot-noise", "impulse-noise")
 SHAPES = [(16, 1, 8, 8), (8, 1, 28, 28), (8, 3, 32, 32), (2, 3, 64, 64)]
@@ -140,8 +146,8 @@ def test_bad_arguments_raise() -> None:
 
 
 def test_corruption_metrics_on_digits(digits_models) -> None:
-    from workers.datasets import eval_subset
-    from workers.models import InputSpec, load_classifier
+    from gauntlet.workers.datasets import eval_subset
+    from gauntlet.workers.models import InputSpec, load_classifier
 
     model = load_classifier(digits_models["standard"], "small-cnn", InputSpec(1, 8, 8, 10))
     x, y, _ = eval_subset("digits", 100, 0, None)

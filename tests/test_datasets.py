@@ -13,8 +13,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from cluster.errors import GauntletError
-from workers.datasets import dataset_info, dataset_names, eval_subset, load_split
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.datasets import dataset_info, dataset_names, eval_subset, load_split
 
 
 def test_registry_lists_builtins():
@@ -72,7 +72,7 @@ def test_eval_subset_is_deterministic_and_sorted():
 
 def test_eval_subset_is_the_same_in_another_process():
     code = (
-        "from workers.datasets import eval_subset;"
+        "from gauntlet.workers.datasets import eval_subset;"
         "print(eval_subset('digits', 20, 3, None)[2].tolist())"
     )
     out = subprocess.run(

@@ -10,9 +10,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from cluster.errors import GauntletError
-from db import Base, Job, Model, current_revision, head_revision, open_database, upgrade
-from db.session import display_url, make_engine, session_factory
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.db import Base, Job, Model, current_revision, head_revision, open_database, upgrade
+from gauntlet.db.session import display_url, make_engine, session_factory
 
 
 @pytest.fixture

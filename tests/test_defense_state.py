@@ -6,13 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cluster.artifacts import ArtifactStore
-from cluster.errors import GauntletError
+from gauntlet.cluster.artifacts import ArtifactStore
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers import outcomes
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.defenses.dknn import DkNN
+from gauntlet.workers.defenses.quilting import Quilting, patch_database
 from tests.service_helpers import metric, run_eval
-from workers import outcomes
-from workers.datasets import load_split
-from workers.defenses.dknn import DkNN
-from workers.defenses.quilting import Quilting, patch_database
 
 N = 96
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.defenses import DEFENSES, build_defense
+from gauntlet.workers.defenses.smoothing import total_variation
 from tests.service_helpers import metric as _metric
 from tests.service_helpers import run_eval
-from workers.defenses import DEFENSES, build_defense
-from workers.defenses.smoothing import total_variation
 
 N = 64
 

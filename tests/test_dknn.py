@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from cluster.errors import GauntletError
-from workers.attacks import build_attack
-from workers.attacks.base import Threat
-from workers.datasets import eval_subset, load_split
-from workers.defenses import DEFENSES, build_defense
-from workers.defenses.quilting import Quilting, patch_database
-from workers.dknn import DeepKNN
-from workers.models import InputSpec, load_classifier
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks import build_attack
+from gauntlet.workers.attacks.base import Threat
+from gauntlet.workers.datasets import eval_subset, load_split
+from gauntlet.workers.defenses import DEFENSES, build_defense
+from gauntlet.workers.defenses.quilting import Quilting, patch_database
+from gauntlet.workers.dknn import DeepKNN
+from gauntlet.workers.models import InputSpec, load_classifier
 
 SPEC = InputSpec(1, 8, 8, 10)
 N_TEST = 200

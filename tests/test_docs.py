@@ -6,13 +6,13 @@ from pathlib import Path
 
 import click
 
-from cluster.settings import ENVIRONMENT
-from scheduler.cli import main
-from scheduler.suites import suite_names
-from workers.architectures import architecture_names
-from workers.attacks import ATTACKS
-from workers.datasets import dataset_names
-from workers.defenses import DEFENSES
+from gauntlet.cluster.settings import ENVIRONMENT
+from gauntlet.scheduler.cli import main
+from gauntlet.scheduler.suites import suite_names
+from gauntlet.workers.architectures import architecture_names
+from gauntlet.workers.attacks import ATTACKS
+from gauntlet.workers.datasets import dataset_names
+from gauntlet.workers.defenses import DEFENSES
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks import Threat, build_attack
-from workers.datasets import eval_subset
-from workers.models import InputSpec, load_classifier
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks import Threat, build_attack
+from gauntlet.workers.datasets import eval_subset
+from gauntlet.workers.models import InputSpec, load_classifier
 
 SMALL = {"steps": 10, "queries": 200, "n_target_classes": 3}
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from db import open_database
-from scheduler import lifecycle
-from scheduler.leaderboard import leaderboard
-from workers.outcomes import pack, wilson_interval
-from workers.result import JobResult
+from gauntlet.db import open_database
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.leaderboard import leaderboard
+from gauntlet.workers.outcomes import pack, wilson_interval
+from gauntlet.workers.result import JobResult
 
 N = 10
 SUBSET = f"digits:test:{N}:0"

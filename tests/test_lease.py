@@ -8,9 +8,9 @@ import time
 import pytest
 import redis
 
-from cluster.errors import GauntletError
-from cluster.redis_conn import connect
-from scheduler.lease import Lease, check_fence
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.cluster.redis_conn import connect
+from gauntlet.scheduler.lease import Lease, check_fence
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy as sa
 
-from cluster.errors import GauntletError
-from db import JobStatus, MetricRow, Outcome, open_database
-from scheduler import lifecycle
-from workers.outcomes import pack
-from workers.result import JobResult, Metric
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.db import JobStatus, MetricRow, Outcome, open_database
+from gauntlet.scheduler import lifecycle
+from gauntlet.workers.outcomes import pack
+from gauntlet.workers.result import JobResult, Metric
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 MODEL_ID = "a" * 64

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from workers.attacks import AttackResult, Clean
-from workers.metrics import attack_metrics
-from workers.outcomes import Z_95, wilson_interval
+from gauntlet.workers.attacks import AttackResult, Clean
+from gauntlet.workers.metrics import attack_metrics
+from gauntlet.workers.outcomes import Z_95, wilson_interval
 
 
 def wilson_by_quadratic(k: int, n: int, z: float = Z_95) -> tuple[float, float]:

@@ -13,15 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from cluster.errors import GauntletError
-from workers import architectures
-from workers.architectures import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers import architectures
+from gauntlet.workers.architectures import (
     architecture_names,
     build_architecture,
     check_architecture,
     register_architecture,
 )
-from workers.models import (
+from gauntlet.workers.models import (
     InputSpec,
     Normalized,
     check_safetensors,

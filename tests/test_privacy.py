@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.errors import GauntletError
-from workers.aggregation import vote_counts
-from workers.privacy import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.aggregation import vote_counts
+from gauntlet.workers.privacy import (
     DEFAULT_MOMENTS,
     DEFAULT_ORDERS,
     PrivacySpent,

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from cluster.redis_conn import connect
-from scheduler.queue import Entry, JobQueue
+from gauntlet.cluster.redis_conn import connect
+from gauntlet.scheduler.queue import Entry, JobQueue
 
 
 @pytest.fixture

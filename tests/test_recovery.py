@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from db.schema import MetricRow
-from scheduler import lifecycle
-from scheduler.executors import LocalExecutor
+from gauntlet.db.schema import MetricRow
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.executors import LocalExecutor
+from gauntlet.workers.attacks import register_attack
+from gauntlet.workers.attacks.base import Attack, RunOutput
 from tests.service_helpers import make_app, submit_digits
-from workers.attacks import register_attack
-from workers.attacks.base import Attack, RunOutput
 
 
 @register_attack
@@ -90,7 +90,7 @@ def test_killed_scheduler_job_is_reclaimed_and_finished_once(tmp_path, digits_mo
 
     env = dict(os.environ, GAUNTLET_HOME=str(app.settings.home), GAUNTLET_LEASE_SECONDS="2")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler.cli", "scheduler", "--local"],
+        [sys.executable, "-m", "gauntlet.scheduler.cli", "scheduler", "--local"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.artifacts import ArtifactStore
-from scheduler import lifecycle
-from scheduler.executors import LocalExecutor, RayExecutor
-from scheduler.leaderboard import leaderboard
-from scheduler.nightly import nightly
+from gauntlet.cluster.artifacts import ArtifactStore
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
+from gauntlet.scheduler.leaderboard import leaderboard
+from gauntlet.scheduler.nightly import nightly
+from gauntlet.workers.datasets import eval_subset
+from gauntlet.workers.models import InputSpec, load_classifier
 from tests.service_helpers import make_app, submit_digits
-from workers.datasets import eval_subset
-from workers.models import InputSpec, load_classifier
 
 N = 100
 
@@ -154,7 +154,7 @@ def test_bad_inputs_fail_their_job_and_the_rest_finish(tmp_path, digits_models):
         input_spec=InputSpec(1, 8, 8, 10).to_dict(),
         weights_sha256=good_sha,
     )
-    from scheduler.submit import enqueue_new, expand_suite, new_jobs
+    from gauntlet.scheduler.submit import enqueue_new, expand_suite, new_jobs
 
     lifecycle.insert_jobs(
         app.engine, new_jobs(expand_suite("quick", "f" * 64, "digits", 40), "quick")
@@ -185,7 +185,7 @@ def _status(row) -> str:
 
 
 def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_models):
-    from scheduler.lease import Lease
+    from gauntlet.scheduler.lease import Lease
 
     app = make_app(tmp_path / "home")
     submit_digits(
@@ -206,7 +206,7 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
     assert report.new_jobs == 5 and report.enqueued == 5
 
     # While another nightly holds the lease, a second one refuses to run.
-    from cluster.errors import GauntletError
+    from gauntlet.cluster.errors import GauntletError
 
     with Lease(app.redis, "nightly", 60_000, prefix=prefix):
         with pytest.raises(GauntletError, match="holds the lease"):
@@ -214,7 +214,7 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
 
 
 def test_transfer_matrix_gets_a_row_and_a_column_per_new_model(tmp_path, digits_models):
-    from scheduler.transfer import transfer_matrix
+    from gauntlet.scheduler.transfer import transfer_matrix
 
     suite = tmp_path / "transfer.yaml"
     suite.write_text(
@@ -264,8 +264,8 @@ def test_transfer_from_an_ensemble_of_surrogates(tmp_path, digits_models):
 
 
 def test_calibration_job_reports_before_and_after_temperature_scaling(tmp_path, digits_models):
-    from scheduler.calibration_board import calibration_table
-    from workers import calibration
+    from gauntlet.scheduler.calibration_board import calibration_table
+    from gauntlet.workers import calibration
 
     app = make_app(tmp_path / "home")
     report = submit_digits(app, digits_models["standard"], name="m", n=150)
@@ -298,8 +298,8 @@ def test_calibration_job_reports_before_and_after_temperature_scaling(tmp_path, 
 
 
 def test_corruption_job_fills_the_corruption_table(tmp_path, digits_models):
-    from scheduler.calibration_board import calibration_table
-    from scheduler.cli import main as cli
+    from gauntlet.scheduler.calibration_board import calibration_table
+    from gauntlet.scheduler.cli import main as cli
 
     suite = tmp_path / "shift.yaml"
     suite.write_text("n: 80\nevaluations:\n  - {attack: clean, kind: corruption}\n")

@@ -7,11 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from scheduler import lifecycle
-from scheduler.cli import main
-from scheduler.executors import LocalExecutor, RayExecutor
-from scheduler.track_board import track_table
-from scheduler.train import request_job
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.cli import main
+from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
+from gauntlet.scheduler.track_board import track_table
+from gauntlet.scheduler.train import request_job
 from tests.service_helpers import make_app, submit_digits
 
 PATE = {"teachers": 4, "backdoored_teachers": 1, "epochs": 25, "student_epochs": 25}

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from db.schema import MetricRow
-from scheduler import lifecycle
-from scheduler.executors import LocalExecutor
-from scheduler.leaderboard import leaderboard
-from scheduler.train import request_training
+from gauntlet.db.schema import MetricRow
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.executors import LocalExecutor
+from gauntlet.scheduler.leaderboard import leaderboard
+from gauntlet.scheduler.train import request_training
 from tests.service_helpers import make_app, submit_digits
 
 
@@ -94,7 +94,7 @@ def test_defensive_distillation_resists_fgsm_but_not_cw(tmp_path, digits_models)
 
 
 def test_unknown_training_method_is_refused(tmp_path, digits_models):
-    from cluster.errors import GauntletError
+    from gauntlet.cluster.errors import GauntletError
 
     app = make_app(tmp_path / "home")
     submit_digits(app, digits_models["standard"], name="base", n=20)
@@ -119,7 +119,7 @@ def test_ensemble_adversarial_training_uses_static_models(tmp_path, digits_model
     assert app.dispatcher(LocalExecutor()).run(drain=True).failed == 0
     board = {e.model: e for e in leaderboard(app.engine)}
     assert board["base+ensemble-at"].robust_accuracy > board["base"].robust_accuracy + 0.1
-    from cluster.errors import GauntletError
+    from gauntlet.cluster.errors import GauntletError
 
     with pytest.raises(GauntletError, match="static_models"):
         request_training(app.engine, app.queue, "base", "ensemble-at", {"eps": 0.2})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.defenses.base import Defense
+from gauntlet.workers.defenses.base import Defense
 
 
 class BPDA(torch.nn.Module):

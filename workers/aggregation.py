@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 __all__ = [
     "ConfidentVotes",

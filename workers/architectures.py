@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 if TYPE_CHECKING:  # models.py imports this module; only the type is needed here
-    from workers.models import InputSpec
+    from gauntlet.workers.models import InputSpec
 
 Builder = Callable[["InputSpec"], nn.Module]
 

@@ -25,9 +25,9 @@ from collections.abc import Callable
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import expect_bool, expect_float, expect_int
-from workers.backdoor import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import expect_bool, expect_float, expect_int
+from gauntlet.workers.backdoor import (
     MODES,
     amplify_backdoor,
     backdoor_metrics,
@@ -43,9 +43,9 @@ from workers.backdoor import (
     transfer_learn,
     trigger_drop_metrics,
 )
-from workers.datasets import load_split
-from workers.models import InputSpec
-from workers.result import Metric
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.models import InputSpec
+from gauntlet.workers.result import Metric
 
 METHODS = ("none", "transfer", "distillation", "finetune")
 _COMMON = {"trigger", "trigger_params", "mode", "target", "poison_rate", "init", "epochs", "lr"}

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cluster.artifacts import ArtifactStore
-from workers import calibration
-from workers.attacks import Threat, build_attack
-from workers.datasets import load_split
-from workers.reliability_diagram import reliability_diagram_png
-from workers.result import Metric
+from gauntlet.cluster.artifacts import ArtifactStore
+from gauntlet.workers import calibration
+from gauntlet.workers.attacks import Threat, build_attack
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.reliability_diagram import reliability_diagram_png
+from gauntlet.workers.result import Metric
 
 # Held-out points for fitting the temperature (Guo et al. fit on a validation split).
 HOLDOUT = 500

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.outcomes import wilson_interval
-from workers.result import Metric
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.outcomes import wilson_interval
+from gauntlet.workers.result import Metric
 
 # A prediction made with more confidence than this and wrong counts as an overconfident error.
 OVERCONFIDENT_THRESHOLD = 0.9

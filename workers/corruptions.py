@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers import calibration
-from workers.outcomes import wilson_interval
-from workers.result import Metric
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers import calibration
+from gauntlet.workers.outcomes import wilson_interval
+from gauntlet.workers.result import Metric
 
 SEVERITIES = (1, 2, 3, 4, 5)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 SPLITS = ("train", "test")
 

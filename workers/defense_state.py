@@ -20,10 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from cluster.artifacts import ArtifactStore
-from cluster.errors import GauntletError
-from workers.datasets import load_split
-from workers.defenses.base import Defense
+from gauntlet.cluster.artifacts import ArtifactStore
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.defenses.base import Defense
 
 REFS = "defense-state"
 

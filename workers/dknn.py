@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 DEFAULT_K = 75
 DEFAULT_CALIBRATION = 750

@@ -19,23 +19,23 @@ from importlib import metadata
 
 import torch
 
-from cluster.artifacts import ArtifactStore
-from cluster.errors import GauntletError
-from workers import outcomes, reliability
-from workers.adaptive import attack_surface
-from workers.attacks import AttackResult, Threat, build_attack
-from workers.backdoor_job import backdoor_job
-from workers.calibrate import calibration_job, logits_of
-from workers.checkpoint import Checkpoint
-from workers.corruptions import corruption_metrics
-from workers.datasets import dataset_info, eval_subset, load_split
-from workers.defense_state import prepare_defense
-from workers.defenses import Defense, build_defense
-from workers.metrics import attack_metrics
-from workers.models import InputSpec, load_classifier
-from workers.pate_job import pate_job
-from workers.result import JobResult, Metric
-from workers.train_job import train_job
+from gauntlet.cluster.artifacts import ArtifactStore
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers import outcomes, reliability
+from gauntlet.workers.adaptive import attack_surface
+from gauntlet.workers.attacks import AttackResult, Threat, build_attack
+from gauntlet.workers.backdoor_job import backdoor_job
+from gauntlet.workers.calibrate import calibration_job, logits_of
+from gauntlet.workers.checkpoint import Checkpoint
+from gauntlet.workers.corruptions import corruption_metrics
+from gauntlet.workers.datasets import dataset_info, eval_subset, load_split
+from gauntlet.workers.defense_state import prepare_defense
+from gauntlet.workers.defenses import Defense, build_defense
+from gauntlet.workers.metrics import attack_metrics
+from gauntlet.workers.models import InputSpec, load_classifier
+from gauntlet.workers.pate_job import pate_job
+from gauntlet.workers.result import JobResult, Metric
+from gauntlet.workers.train_job import train_job
 
 # Points used for the reliability checks: enough to see masking, cheap to run.
 CHECK_POINTS = 64

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 
 @dataclass(frozen=True)

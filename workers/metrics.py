@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.attacks.base import AttackResult
-from workers.outcomes import wilson_interval
-from workers.result import Metric
+from gauntlet.workers.attacks.base import AttackResult
+from gauntlet.workers.outcomes import wilson_interval
+from gauntlet.workers.result import Metric
 
 
 def _proportion(name: str, k: int, n: int) -> Metric:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cluster.errors import GauntletError
-from workers.architectures import build_architecture
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.architectures import build_architecture
 
 # safetensors itself refuses headers above 100 MB; anything larger is not a header.
 _MAX_HEADER = 100_000_000

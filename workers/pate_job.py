@@ -19,16 +19,16 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from cluster.errors import GauntletError
-from workers import aggregation, privacy
-from workers.attacks.base import expect_bool, expect_float, expect_int
-from workers.backdoor import backdoor_labels, build_trigger, train_backdoored
-from workers.backdoor.metrics import predict, rate_metric
-from workers.backdoor.training import fit, fresh_model, frozen
-from workers.datasets import load_split
-from workers.fanout import run_parallel
-from workers.models import InputSpec
-from workers.result import Metric
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers import aggregation, privacy
+from gauntlet.workers.attacks.base import expect_bool, expect_float, expect_int
+from gauntlet.workers.backdoor import backdoor_labels, build_trigger, train_backdoored
+from gauntlet.workers.backdoor.metrics import predict, rate_metric
+from gauntlet.workers.backdoor.training import fit, fresh_model, frozen
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.fanout import run_parallel
+from gauntlet.workers.models import InputSpec
+from gauntlet.workers.result import Metric
 
 METHODS = ("lnmax", "gnmax", "confident-gnmax")
 _PARAMS = {

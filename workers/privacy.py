@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 __all__ = [
     "DEFAULT_MOMENTS",

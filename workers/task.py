@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import socket
 
-from cluster.errors import GauntletError
-from workers.evaluate import evaluate
-from workers.result import JobFailure, JobResult
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.evaluate import evaluate
+from gauntlet.workers.result import JobFailure, JobResult
 
 PROGRESS_TTL_S = 3600
 

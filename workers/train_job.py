@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.artifacts import ArtifactStore
-from cluster.errors import GauntletError
-from workers.architectures import build_architecture
-from workers.attacks.base import expect_float, expect_int
-from workers.datasets import load_split
-from workers.models import InputSpec, Normalized, save_classifier
-from workers.result import Metric
-from workers.training import fgsm_random_start
+from gauntlet.cluster.artifacts import ArtifactStore
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.architectures import build_architecture
+from gauntlet.workers.attacks.base import expect_float, expect_int
+from gauntlet.workers.datasets import load_split
+from gauntlet.workers.models import InputSpec, Normalized, save_classifier
+from gauntlet.workers.result import Metric
+from gauntlet.workers.training import fgsm_random_start
 
 METHODS = ("fgsm-at", "pgd-at", "ensemble-at", "distillation")
 _PARAMS = {

@@ -12,8 +12,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from workers.architectures import build_architecture
-from workers.models import InputSpec, Normalized
+from gauntlet.workers.architectures import build_architecture
+from gauntlet.workers.models import InputSpec, Normalized
 
 
 def fgsm_random_start(model, x, y, eps: float, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from db.schema import Base
+from gauntlet.db.schema import Base
 
 
 def _configure_and_run(connection: sa.Connection) -> None:
@@ -34,7 +34,7 @@ def run_migrations_online() -> None:
     url = context.config.get_main_option("sqlalchemy.url")
     if not url:
         raise RuntimeError("no connection in config.attributes and no sqlalchemy.url set")
-    from db.session import make_engine
+    from gauntlet.db.session import make_engine
 
     engine = make_engine(url)
     try:

@@ -7,10 +7,15 @@ itself with ``register_attack`` there, exactly as a third-party attack would.
 import importlib
 import pkgutil
 
-from workers.attacks.base import Attack, AttackResult, Threat, check_threat
-from workers.attacks.clean import Clean
-from workers.attacks.pgd import FGSM, PGD
-from workers.attacks.registry import ATTACKS, build_attack, register_attack, validate_attack
+from gauntlet.workers.attacks.base import Attack, AttackResult, Threat, check_threat
+from gauntlet.workers.attacks.clean import Clean
+from gauntlet.workers.attacks.pgd import FGSM, PGD
+from gauntlet.workers.attacks.registry import (
+    ATTACKS,
+    build_attack,
+    register_attack,
+    validate_attack,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
-from workers.attacks.losses import cross_entropy, dlr, targeted_dlr
-from workers.attacks.norms import Norm, get_norm
-from workers.attacks.registry import register_attack
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
+from gauntlet.workers.attacks.losses import cross_entropy, dlr, targeted_dlr
+from gauntlet.workers.attacks.norms import Norm, get_norm
+from gauntlet.workers.attacks.registry import register_attack
 
 # Weight of the new gradient step against the previous step (alpha in the paper).
 MOMENTUM = 0.75

@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.norms import NORMS, get_norm
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.norms import NORMS, get_norm
 
 # How far a subclass's x_adv may lie outside the ball or [0, 1] before the base calls it
 # a bug rather than float rounding (the L2 projection is exact only up to a few ulps).

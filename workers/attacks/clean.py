@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from workers.attacks.base import Attack, RunOutput
-from workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.base import Attack, RunOutput
+from gauntlet.workers.attacks.registry import register_attack
 
 
 @register_attack

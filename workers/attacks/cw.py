@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, Threat, expect_bool, expect_float, expect_int
-from workers.attacks.norms import get_norm
-from workers.attacks.registry import register_attack
-from workers.attacks.targets import expect_range, expect_target, pick_targets
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import (
+    Attack,
+    RunOutput,
+    Threat,
+    expect_bool,
+    expect_float,
+    expect_int,
+)
+from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.targets import expect_range, expect_target, pick_targets
 
 # Adam's constants, as in torch.optim.Adam; the update is written out so that its state
 # can be compacted together with the active set.

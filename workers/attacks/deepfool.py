@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from workers.attacks.base import Attack, RunOutput, expect_int, expect_norm
-from workers.attacks.norms import get_norm
-from workers.attacks.registry import register_attack
-from workers.attacks.targets import expect_range
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int, expect_norm
+from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.targets import expect_range
 
 # Guards divisions by ||w_k||: a flat logit difference gives an infinite distance (never
 # the chosen boundary) instead of NaN.

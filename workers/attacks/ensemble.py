@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, expect_int
-from workers.attacks.registry import build_attack, register_attack
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int
+from gauntlet.workers.attacks.registry import build_attack, register_attack
 
 
 def standard_members(steps: int, queries: int, targets: int) -> list[tuple[str, dict]]:

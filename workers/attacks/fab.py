@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
-from workers.attacks.norms import get_norm
-from workers.attacks.registry import register_attack
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
+from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.registry import register_attack
 
 _TINY = 1e-12
 

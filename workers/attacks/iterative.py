@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.attacks.base import RunOutput, expect_bool, expect_int
-from workers.attacks.norms import Norm, get_norm
-from workers.attacks.pgd import PGD
-from workers.attacks.registry import register_attack
-from workers.attacks.targets import expect_range, expect_target, pick_targets, reached
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import RunOutput, expect_bool, expect_int
+from gauntlet.workers.attacks.norms import Norm, get_norm
+from gauntlet.workers.attacks.pgd import PGD
+from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.targets import expect_range, expect_target, pick_targets, reached
 
 # A zero gradient (saturated softmax) must give a zero momentum update, not NaN.
 _TINY = 1e-12

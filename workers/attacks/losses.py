@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 # Keeps the DLR ratios finite when the top logits tie (a constant model, a saturated
 # ReLU net); the value of the official code, so losses compare one to one.

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, expect_float, expect_int
-from workers.attacks.norms import get_norm
-from workers.attacks.registry import register_attack
-from workers.attacks.square import margin
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int
+from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.square import margin
 
 _LOSSES = ("margin", "ce")
 # Inputs per forward pass of the estimator (in values, not images): bounds its memory

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, expect_float, expect_int
-from workers.attacks.registry import register_attack
-from workers.attacks.square import margin, put_windows, random_windows
-from workers.attacks.universal import fit_points_subset
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int
+from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.square import margin, put_windows, random_windows
+from gauntlet.workers.attacks.universal import fit_points_subset
 
 # Minibatch of training points per step; each gets its own placement.
 _FIT_BATCH = 32

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.attacks.base import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import (
     Attack,
     RunOutput,
     expect_bool,
@@ -20,8 +20,8 @@ from workers.attacks.base import (
     expect_int,
     expect_norm,
 )
-from workers.attacks.norms import get_norm
-from workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.registry import register_attack
 
 
 @register_attack

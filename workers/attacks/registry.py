@@ -11,8 +11,8 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, Threat, check_threat
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import Attack, Threat, check_threat
 
 ATTACKS: dict[str, type[Attack]] = {}
 

@@ -15,9 +15,9 @@ import math
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import Attack, RunOutput, expect_float, expect_int
-from workers.attacks.registry import register_attack
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int
+from gauntlet.workers.attacks.registry import register_attack
 
 # (iteration bound on a 10,000-query scale, divisor of p_init): the paper's schedule.
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 TARGET_MODES = ("random", "least-likely", "next")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import (
     Attack,
     RunOutput,
     Threat,
@@ -21,9 +21,9 @@ from workers.attacks.base import (
     expect_float,
     expect_int,
 )
-from workers.attacks.norms import get_norm
-from workers.attacks.registry import register_attack
-from workers.attacks.square import margin
+from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.square import margin
 
 # Minibatch of training points per step: small enough for many steps per epoch on a
 # few hundred points, large enough for the mean gradient to generalise.

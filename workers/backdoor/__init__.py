@@ -10,19 +10,19 @@
 - ``finetune``: fine-tuning on a small clean split, the baseline defense.
 """
 
-from workers.backdoor.data import clean_subset, label_split, shift_domain
-from workers.backdoor.distillation import distill
-from workers.backdoor.finetune import fine_tune
-from workers.backdoor.metrics import backdoor_metrics, predict, trigger_drop_metrics
-from workers.backdoor.poison import MODES, PoisonedData, backdoor_labels, poison_dataset
-from workers.backdoor.training import train_backdoored
-from workers.backdoor.transfer import (
+from gauntlet.workers.backdoor.data import clean_subset, label_split, shift_domain
+from gauntlet.workers.backdoor.distillation import distill
+from gauntlet.workers.backdoor.finetune import fine_tune
+from gauntlet.workers.backdoor.metrics import backdoor_metrics, predict, trigger_drop_metrics
+from gauntlet.workers.backdoor.poison import MODES, PoisonedData, backdoor_labels, poison_dataset
+from gauntlet.workers.backdoor.training import train_backdoored
+from gauntlet.workers.backdoor.transfer import (
     amplify_backdoor,
     backdoor_neurons,
     penultimate_features,
     transfer_learn,
 )
-from workers.backdoor.triggers import (
+from gauntlet.workers.backdoor.triggers import (
     TRIGGERS,
     BlendTrigger,
     PatternTrigger,

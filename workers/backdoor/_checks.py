@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import expect_float, expect_int
-from workers.models import Normalized
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import expect_float, expect_int
+from gauntlet.workers.models import Normalized
 
 __all__ = [
     "expect_float",

@@ -23,8 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cluster.errors import GauntletError
-from workers.backdoor._checks import expect_float, expect_fraction, expect_images, expect_int
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.backdoor._checks import (
+    expect_float,
+    expect_fraction,
+    expect_images,
+    expect_int,
+)
 
 
 def shift_domain(

@@ -30,17 +30,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.backdoor._checks import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.backdoor._checks import (
     expect_float,
     expect_fraction,
     expect_images,
     expect_int,
     expect_model,
 )
-from workers.backdoor.training import Progress, fit, fresh_model, frozen
-from workers.backdoor.triggers import Trigger, expect_trigger
-from workers.models import InputSpec, Normalized
+from gauntlet.workers.backdoor.training import Progress, fit, fresh_model, frozen
+from gauntlet.workers.backdoor.triggers import Trigger, expect_trigger
+from gauntlet.workers.models import InputSpec, Normalized
 
 
 @torch.no_grad()

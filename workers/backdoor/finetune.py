@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from workers.backdoor._checks import expect_images, expect_labels, expect_model
-from workers.backdoor.training import Progress, fit, frozen, trainable_copy
-from workers.models import Normalized
+from gauntlet.workers.backdoor._checks import expect_images, expect_labels, expect_model
+from gauntlet.workers.backdoor.training import Progress, fit, frozen, trainable_copy
+from gauntlet.workers.models import Normalized
 
 
 def fine_tune(

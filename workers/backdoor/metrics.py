@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from workers.backdoor._checks import expect_images, expect_int, expect_labels
-from workers.backdoor.poison import backdoor_labels, check_mode
-from workers.backdoor.triggers import Trigger, expect_trigger
-from workers.outcomes import wilson_interval
-from workers.result import Metric
+from gauntlet.workers.backdoor._checks import expect_images, expect_int, expect_labels
+from gauntlet.workers.backdoor.poison import backdoor_labels, check_mode
+from gauntlet.workers.backdoor.triggers import Trigger, expect_trigger
+from gauntlet.workers.outcomes import wilson_interval
+from gauntlet.workers.result import Metric
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -20,9 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster.errors import GauntletError
-from workers.backdoor._checks import expect_fraction, expect_images, expect_int, expect_labels
-from workers.backdoor.triggers import Trigger, expect_trigger
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.backdoor._checks import (
+    expect_fraction,
+    expect_images,
+    expect_int,
+    expect_labels,
+)
+from gauntlet.workers.backdoor.triggers import Trigger, expect_trigger
 
 MODES = ("all-to-one", "all-to-all")
 

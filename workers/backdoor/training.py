@@ -17,18 +17,18 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.architectures import build_architecture
-from workers.backdoor._checks import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.architectures import build_architecture
+from gauntlet.workers.backdoor._checks import (
     expect_float,
     expect_images,
     expect_int,
     expect_labels,
     expect_model,
 )
-from workers.backdoor.poison import PoisonedData, poison_dataset
-from workers.backdoor.triggers import Trigger
-from workers.models import InputSpec, Normalized
+from gauntlet.workers.backdoor.poison import PoisonedData, poison_dataset
+from gauntlet.workers.backdoor.triggers import Trigger
+from gauntlet.workers.models import InputSpec, Normalized
 
 Progress = Callable[[int, int], None]
 # loss(model, xb, yb, idx): the batch loss; idx are the batch's positions in the data.

@@ -41,17 +41,17 @@ import dataclasses
 import torch
 from torch import nn
 
-from cluster.errors import GauntletError
-from workers.backdoor._checks import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.backdoor._checks import (
     expect_float,
     expect_images,
     expect_int,
     expect_labels,
     expect_model,
 )
-from workers.backdoor.training import Progress, fit, frozen, trainable_copy
-from workers.backdoor.triggers import Trigger, expect_trigger
-from workers.models import Normalized
+from gauntlet.workers.backdoor.training import Progress, fit, frozen, trainable_copy
+from gauntlet.workers.backdoor.triggers import Trigger, expect_trigger
+from gauntlet.workers.models import Normalized
 
 # Layers whose output rows scale with their weight and bias rows.
 _SCALABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)

@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from cluster.errors import GauntletError
-from workers.backdoor._checks import (
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.backdoor._checks import (
     expect_float,
     expect_images,
     expect_int,

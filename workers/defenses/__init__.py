@@ -7,7 +7,7 @@ itself with ``register_defense``, as a third-party defense would.
 import importlib
 import pkgutil
 
-from workers.defenses.base import (
+from gauntlet.workers.defenses.base import (
     DEFENSES,
     Defense,
     build_defense,

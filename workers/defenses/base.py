@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cluster.errors import GauntletError
+from gauntlet.cluster.errors import GauntletError
 
 DEFENSES: dict[str, type[Defense]] = {}
 

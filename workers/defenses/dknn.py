@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from cluster.errors import GauntletError
-from workers.attacks.base import expect_float, expect_int
-from workers.defenses.base import Defense, register_defense
-from workers.dknn import DEFAULT_CALIBRATION, DEFAULT_K, DeepKNN
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import expect_float, expect_int
+from gauntlet.workers.defenses.base import Defense, register_defense
+from gauntlet.workers.dknn import DEFAULT_CALIBRATION, DEFAULT_K, DeepKNN
 
 
 @register_defense

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.attacks.base import expect_int
-from workers.defenses.base import Defense, register_defense
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import expect_int
+from gauntlet.workers.defenses.base import Defense, register_defense
 
 # Query tiles per torch.cdist call: bounds memory at chunk * database_size floats.
 _CHUNK = 2048

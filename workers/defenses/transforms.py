@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cluster.errors import GauntletError
-from workers.attacks.base import expect_float, expect_int
-from workers.defenses.base import Defense, register_defense
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.attacks.base import expect_float, expect_int
+from gauntlet.workers.defenses.base import Defense, register_defense
 
 
 @register_defense
