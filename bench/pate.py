@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from gauntlet.workers.datasets import eval_subset, load_split  # noqa: E402
 from gauntlet.workers.fanout import run_parallel  # noqa: E402
+from gauntlet.workers.jobs.pate import check_pate, train_teacher  # noqa: E402
 from gauntlet.workers.models import InputSpec  # noqa: E402
-from gauntlet.workers.pate_job import check_pate, train_teacher  # noqa: E402
 
 
 def pieces(teachers: int, epochs: int, teacher_gpus: float) -> list[tuple[str, tuple]]:

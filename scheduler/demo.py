@@ -12,9 +12,9 @@ import time
 
 from rich.console import Console
 
-from gauntlet.scheduler import render
 from gauntlet.scheduler.app import App
-from gauntlet.scheduler.leaderboard import leaderboard
+from gauntlet.scheduler.boards.leaderboard import leaderboard
+from gauntlet.scheduler.cli import tables
 from gauntlet.scheduler.run import run_scheduler
 from gauntlet.scheduler.submit import submit
 from gauntlet.workers.datasets import load_split
@@ -64,11 +64,11 @@ def run_demo(
         console.print(f"submitted {name}: {report.jobs} evaluations, {report.enqueued} enqueued")
     stats = run_scheduler(app, drain=True, num_cpus=num_cpus, console=console)
     entries = leaderboard(app.engine, dataset=DATASET)
-    for table in render.leaderboard_tables(entries):
+    for table in tables.leaderboard_tables(entries):
         console.print(table)
-    from gauntlet.scheduler.calibration_board import calibration_table
+    from gauntlet.scheduler.boards.calibration import calibration_table
 
-    console.print(render.calibration_table(calibration_table(app.engine, dataset=DATASET)))
+    console.print(tables.calibration_table(calibration_table(app.engine, dataset=DATASET)))
     console.print(
         f"{stats.done} jobs done, {stats.failed} failed, in {time.perf_counter() - start:.0f} s"
     )

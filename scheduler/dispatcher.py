@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.executors import Executor, Handle
 from gauntlet.scheduler.queue import Entry, JobQueue
+from gauntlet.workers.jobs import job_kind
 from gauntlet.workers.result import JobFailure, JobResult
 
 log = logging.getLogger(__name__)
@@ -128,17 +129,11 @@ class Dispatcher:
             self._event("failed", claim.job_id, message)
             return
         payload = dict(self.payload_base, job_id=claim.job_id, spec=spec, model=claim.model)
-        if spec.get("source_model"):
-            payload["source_model"] = lifecycle.get_model(self.engine, spec["source_model"])
-        static = (
-            (spec.get("params") or {}).get("static_models") if spec.get("kind") == "train" else None
-        )
-        if spec.get("source_ensemble") or static:
-            payload["source_models"] = [
-                m
-                for m in (lifecycle.get_model(self.engine, i) for i in spec["source_ensemble"])
-                if m is not None
-            ]
+        # Other models the job loads (transfer sources, static models): its kind says which.
+        payload["others"] = {
+            model_id: lifecycle.get_model(self.engine, model_id)
+            for model_id in job_kind(spec.get("kind", "eval")).models(spec)
+        }
         if self.progress_prefix:
             payload["progress_key"] = f"{self.progress_prefix}:progress:{claim.job_id}"
         handle = self.executor.submit(claim.job_id, payload, num_gpus, resources.get("memory_mb"))

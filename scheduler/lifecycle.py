@@ -234,14 +234,7 @@ def finish(
         error=None,
     )
     metrics = [
-        {
-            "job_id": job_id,
-            "name": m.name,
-            "value": float(m.value),
-            "n": m.n,
-            "ci_low": m.low,
-            "ci_high": m.high,
-        }
+        dict(job_id=job_id, name=m.name, value=float(m.value), n=m.n, ci_low=m.low, ci_high=m.high)
         for m in result.metrics
     ]
     with engine.begin() as conn:
@@ -266,18 +259,15 @@ def finish(
     return True
 
 
+_SUBTASK_COLUMNS = ("name", "node_id", "worker_pid", "gpu_ids", "started_at", "finished_at")
+
+
 def list_subtasks(engine: sa.Engine, job_id: int) -> list[dict]:
     """The recorded sub-tasks of a job, in start order."""
-    stmt = sa.select(SubTask).where(SubTask.job_id == job_id).order_by(SubTask.started_at)
+    columns = [getattr(SubTask, key) for key in _SUBTASK_COLUMNS]
+    stmt = sa.select(*columns).where(SubTask.job_id == job_id).order_by(SubTask.started_at)
     with engine.connect() as conn:
-        rows = conn.execute(stmt).mappings().all()
-    return [
-        {
-            k: row[k]
-            for k in ("name", "node_id", "worker_pid", "gpu_ids", "started_at", "finished_at")
-        }
-        for row in rows
-    ]
+        return [dict(row._mapping) for row in conn.execute(stmt)]
 
 
 def fail(

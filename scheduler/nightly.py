@@ -9,7 +9,7 @@ writes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.scheduler import lifecycle
@@ -22,11 +22,13 @@ LEASE_NAME = "nightly"
 
 @dataclass
 class NightlyReport:
-    models: int = 0
-    expanded: int = 0
-    new_jobs: int = 0
-    enqueued: int = 0
-    suites: dict = field(default_factory=dict)
+    """What one run found: models, evaluations expanded, and jobs new per suite."""
+
+    models: int
+    expanded: int
+    new_jobs: int
+    enqueued: int
+    suites: dict
 
 
 def model_suites(engine, model_id: str, extra: list[str]) -> list[tuple[str, int | None]]:
@@ -53,7 +55,7 @@ def nightly(
     suites: list[str] | None = None,
     lease_ms: int = 15 * 60 * 1000,
 ) -> NightlyReport:
-    report = NightlyReport()
+    report = NightlyReport(models=0, expanded=0, new_jobs=0, enqueued=0, suites={})
     with Lease(client, LEASE_NAME, lease_ms, prefix=prefix) as lease:
         for model in lifecycle.list_models(engine):
             report.models += 1

@@ -19,30 +19,16 @@ from gauntlet.cluster.errors import GauntletError
 #: Bumped when the evaluation protocol itself changes (subset drawing, metrics).
 EVAL_VERSION = 1
 
-#: eval: robust accuracy under an attack; calibration: confidence vs accuracy (and
-#: under the attack, when the job has a threat).
-#: train: a training-time defense (``attack`` names the method) producing a derived model.
-#: corruption: accuracy and calibration under common corruptions (distribution shift).
-#: backdoor: BadNets training, and a backdoor defense (``attack`` names it) measured on it.
-#: pate: teachers, a noisy aggregate (``attack`` names it), a student, and the privacy cost.
-KINDS = ("eval", "calibration", "corruption", "train", "backdoor", "pate")
-
 
 def _settings_checker(kind: str):
-    """For kinds whose ``attack`` names a procedure: its validator (settings with defaults)."""
-    if kind == "train":
-        from gauntlet.workers.train_job import check_train
+    """For kinds whose ``attack`` names a procedure: its validator (settings with defaults).
 
-        return check_train
-    if kind == "backdoor":
-        from gauntlet.workers.backdoor_job import check_backdoor
+    Job kinds are plug-ins (``gauntlet.workers.jobs``): each declares its own check, so
+    this module never lists them.
+    """
+    from gauntlet.workers.jobs import job_kind
 
-        return check_backdoor
-    if kind == "pate":
-        from gauntlet.workers.pate_job import check_pate
-
-        return check_pate
-    return None
+    return job_kind(kind).check
 
 
 def canonical_json(value: Any) -> str:
@@ -127,10 +113,11 @@ class JobSpec:
 
     def validate(self) -> None:
         from gauntlet.workers.attacks import Threat, validate_attack
+        from gauntlet.workers.jobs import kind_names
 
-        if self.kind not in KINDS:
+        if self.kind not in kind_names():
             raise GauntletError(
-                f"Expected `kind` to be one of {', '.join(KINDS)}, but got {self.kind!r}"
+                f"Expected `kind` to be one of {', '.join(kind_names())}, but got {self.kind!r}"
             )
         if not isinstance(self.n, int) or self.n <= 0:
             raise GauntletError(f"Expected `n` to be a positive int, but got {self.n!r}")

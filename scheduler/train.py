@@ -58,20 +58,14 @@ def request_job(
 
 
 def request_training(
-    engine,
-    queue: JobQueue,
-    ref: str,
-    method: str,
-    params: dict,
-    *,
-    n: int = 200,
-    num_gpus: float = 0.0,
+    engine, queue: JobQueue, ref: str, method: str, params: dict, **options
 ) -> tuple[int, bool]:
-    """Queue a train job for model ``ref``; its derived model is evaluated with the suite."""
+    """Queue a train job for model ``ref``; its derived model is evaluated with the suite.
+
+    ``options`` are ``request_job``'s: ``n`` and ``num_gpus``.
+    """
     suite = params.get("suite", "quick")
-    return request_job(
-        engine, queue, ref, "train", method, params, n=n, num_gpus=num_gpus, suite=suite
-    )
+    return request_job(engine, queue, ref, "train", method, params, suite=suite, **options)
 
 
 def register_derived(engine, queue: JobQueue, job_id: int) -> str | None:

@@ -44,7 +44,7 @@ def submit_digits(app: App, weights: Path, **options):
 
 def run_eval(stored: tuple[dict, str], *, n: int, **spec):
     """Evaluate the stored model in-process with a PGD spec, overridden by ``spec``."""
-    from gauntlet.workers.evaluate import evaluate
+    from gauntlet.workers.task import run_spec as evaluate
 
     model, store = stored
     base = {

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from gauntlet.scheduler.leaderboard import _masking_flags
+from gauntlet.scheduler.boards.leaderboard import _masking_flags
 from gauntlet.workers import outcomes
 from gauntlet.workers.adaptive import BPDA, EOT, attack_surface
 from gauntlet.workers.defenses import build_defense
-from gauntlet.workers.evaluate import evaluate
+from gauntlet.workers.task import run_spec as evaluate
 from tests.service_helpers import metric as _metric
 from tests.service_helpers import run_eval
 

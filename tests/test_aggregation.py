@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.aggregation import (
+from gauntlet.workers.privacy.aggregation import (
     confident_gnmax,
     gaussian_noise,
     gnmax,

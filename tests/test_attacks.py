@@ -28,6 +28,7 @@ from gauntlet.workers.attacks import (
 )
 from gauntlet.workers.attacks.base import RunOutput
 from gauntlet.workers.attacks.norms import get_norm
+from tests.attack_helpers import binary_linear
 
 
 def small_cnn() -> nn.Module:
@@ -80,17 +81,6 @@ def robust_acc(result: AttackResult) -> float:
 
 
 # --- closed forms on a linear model --------------------------------------------------
-
-
-def binary_linear(w: torch.Tensor, b: float) -> nn.Module:
-    """Logits (0, w.x + b): for label 0 the CE gradient is sigmoid(w.x + b) * w."""
-    layer = nn.Linear(w.numel(), 2)
-    with torch.no_grad():
-        layer.weight.zero_()
-        layer.bias.zero_()
-        layer.weight[1] = w
-        layer.bias[1] = b
-    return nn.Sequential(nn.Flatten(), layer)
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -13,6 +13,7 @@ from gauntlet.workers.architectures import architecture_names
 from gauntlet.workers.attacks import ATTACKS
 from gauntlet.workers.datasets import dataset_names
 from gauntlet.workers.defenses import DEFENSES
+from gauntlet.workers.jobs import kind_names
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -37,9 +38,12 @@ def test_every_setting_is_documented():
 
 def test_every_registered_name_is_documented():
     # Built-ins only: tests register attacks of their own through the same registry.
-    builtin = [n for n, cls in ATTACKS.items() if cls.__module__.startswith("workers.")]
-    defenses = [n for n, cls in DEFENSES.items() if cls.__module__.startswith("workers.")]
+    ours = "gauntlet.workers."
+    builtin = [n for n, cls in ATTACKS.items() if cls.__module__.startswith(ours)]
+    defenses = [n for n, cls in DEFENSES.items() if cls.__module__.startswith(ours)]
+    assert "pgd" in builtin and "jpeg" in defenses  # the filter itself must find the built-ins
     names = [*builtin, *defenses, *suite_names(), *architecture_names(), *dataset_names()]
+    names += kind_names()
     missing = [n for n in names if f"`{n}`" not in README]
     assert not missing, f"README lacks {missing}"
 

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from gauntlet.db import open_database
 from gauntlet.scheduler import lifecycle
-from gauntlet.scheduler.leaderboard import leaderboard
+from gauntlet.scheduler.boards.leaderboard import leaderboard
 from gauntlet.workers.outcomes import pack, wilson_interval
 from gauntlet.workers.result import JobResult
 

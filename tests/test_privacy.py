@@ -15,26 +15,28 @@ import pytest
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.aggregation import vote_counts
-from gauntlet.workers.privacy import (
-    DEFAULT_MOMENTS,
+from gauntlet.workers.privacy.aggregation import vote_counts
+from gauntlet.workers.privacy.gnmax_accounting import (
     DEFAULT_ORDERS,
-    PrivacySpent,
     confident_gnmax_eps,
     gnmax_eps_data_dependent,
     gnmax_eps_data_independent,
     gnmax_log_q_bound,
     gnmax_rdp_data_dependent,
     gnmax_rdp_data_independent,
+    rdp_orders,
+    rdp_to_dp,
+    threshold_rdp_data_independent,
+)
+from gauntlet.workers.privacy.lnmax_accounting import (
+    DEFAULT_MOMENTS,
     lnmax_eps_data_dependent,
     lnmax_eps_data_independent,
     lnmax_log_moment_data_dependent,
     lnmax_log_moment_data_independent,
     lnmax_q_bound,
-    rdp_orders,
-    rdp_to_dp,
-    threshold_rdp_data_independent,
 )
+from gauntlet.workers.privacy.spent import PrivacySpent
 
 DELTA = 1e-5
 

@@ -7,8 +7,8 @@ import torch
 
 from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.boards.leaderboard import leaderboard
 from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
-from gauntlet.scheduler.leaderboard import leaderboard
 from gauntlet.scheduler.nightly import nightly
 from gauntlet.workers.datasets import eval_subset
 from gauntlet.workers.models import InputSpec, load_classifier
@@ -214,7 +214,7 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
 
 
 def test_transfer_matrix_gets_a_row_and_a_column_per_new_model(tmp_path, digits_models):
-    from gauntlet.scheduler.transfer import transfer_matrix
+    from gauntlet.scheduler.boards.transfer import transfer_matrix
 
     suite = tmp_path / "transfer.yaml"
     suite.write_text(
@@ -264,7 +264,7 @@ def test_transfer_from_an_ensemble_of_surrogates(tmp_path, digits_models):
 
 
 def test_calibration_job_reports_before_and_after_temperature_scaling(tmp_path, digits_models):
-    from gauntlet.scheduler.calibration_board import calibration_table
+    from gauntlet.scheduler.boards.calibration import calibration_table
     from gauntlet.workers import calibration
 
     app = make_app(tmp_path / "home")
@@ -298,7 +298,7 @@ def test_calibration_job_reports_before_and_after_temperature_scaling(tmp_path, 
 
 
 def test_corruption_job_fills_the_corruption_table(tmp_path, digits_models):
-    from gauntlet.scheduler.calibration_board import calibration_table
+    from gauntlet.scheduler.boards.calibration import calibration_table
     from gauntlet.scheduler.cli import main as cli
 
     suite = tmp_path / "shift.yaml"

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.boards.tracks import track_table
 from gauntlet.scheduler.cli import main
 from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
-from gauntlet.scheduler.track_board import track_table
 from gauntlet.scheduler.train import request_job
 from tests.service_helpers import make_app, submit_digits
 

@@ -7,8 +7,8 @@ import sqlalchemy as sa
 
 from gauntlet.db.schema import MetricRow
 from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.boards.leaderboard import leaderboard
 from gauntlet.scheduler.executors import LocalExecutor
-from gauntlet.scheduler.leaderboard import leaderboard
 from gauntlet.scheduler.train import request_training
 from tests.service_helpers import make_app, submit_digits
 

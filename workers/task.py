@@ -10,7 +10,8 @@ from __future__ import annotations
 import socket
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.evaluate import evaluate
+from gauntlet.workers.context import JobContext
+from gauntlet.workers.jobs import job_kind
 from gauntlet.workers.result import JobFailure, JobResult
 
 PROGRESS_TTL_S = 3600
@@ -53,18 +54,46 @@ def _device_label() -> str | None:
     return None
 
 
+def run_spec(
+    spec: dict,
+    model: dict,
+    *,
+    artifacts: str,
+    data_root: str,
+    progress=None,
+    device_label: str | None = None,
+    others: dict | None = None,
+    checkpoint_name: str | None = None,
+) -> JobResult:
+    """Run one job in this process: its kind's runner over a freshly built context."""
+    kind = job_kind(spec.get("kind", "eval"))
+    ctx = JobContext(
+        spec=spec,
+        model=model,
+        artifacts=artifacts,
+        data_root=data_root,
+        progress=progress,
+        device_label=device_label,
+        others=dict(others or {}),
+        checkpoint_name=checkpoint_name,
+    )
+    # Every kind loads the submitted network first: a corrupt file or weights that do not
+    # fit fail the job before any work is spent on it.
+    ctx.net  # noqa: B018
+    return kind.run(ctx)
+
+
 def run_job(payload: dict) -> JobResult | JobFailure:
     progress = _progress_reporter(payload.get("redis_url"), payload.get("progress_key"))
     try:
-        return evaluate(
+        return run_spec(
             payload["spec"],
             payload["model"],
             artifacts=payload["artifacts"],
             data_root=payload["data_root"],
             progress=progress,
             device_label=_device_label(),
-            source_model=payload.get("source_model"),
-            source_models=payload.get("source_models"),
+            others=payload.get("others"),
             checkpoint_name=f"job-{payload['job_id']}" if "job_id" in payload else None,
         )
     except GauntletError as exc:

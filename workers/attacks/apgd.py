@@ -17,7 +17,14 @@ from dataclasses import dataclass, fields
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
+from gauntlet.workers.attacks.base import (
+    Attack,
+    RunOutput,
+    expect_float,
+    expect_int,
+    expect_norm,
+    keyword_config,
+)
 from gauntlet.workers.attacks.losses import cross_entropy, dlr, targeted_dlr
 from gauntlet.workers.attacks.norms import Norm, get_norm
 from gauntlet.workers.attacks.registry import register_attack
@@ -190,8 +197,7 @@ class _APGDBase(Attack):
         # The fraction of a window's steps that must raise the loss to keep the step.
         self.rho = expect_float("rho", rho, 0.0, 1.0)
 
-    def config(self) -> dict:
-        return {"norm": self.norm, "steps": self.steps, "restarts": self.restarts, "rho": self.rho}
+    config = keyword_config
 
     def _restarts(self, model, loss_fn, x, y, idx, threat, generator, out, target=None):
         """Restarts on the points of ``idx`` still robust; returns those that stay so."""
@@ -255,9 +261,6 @@ class APGDT(_APGDBase):
     ) -> None:
         super().__init__(norm=norm, steps=steps, restarts=restarts, rho=rho)
         self.n_target_classes = expect_int("n_target_classes", n_target_classes, 1, 1000)
-
-    def config(self) -> dict:
-        return {**super().config(), "n_target_classes": self.n_target_classes}
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         out = (x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device), [])

@@ -17,6 +17,7 @@ import torch
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.attacks.norms import NORMS, get_norm
+from gauntlet.workers.registry import keyword_params
 
 # How far a subclass's x_adv may lie outside the ball or [0, 1] before the base calls it
 # a bug rather than float rounding (the L2 projection is exact only up to a few ulps).
@@ -103,6 +104,15 @@ def expect_norm(name: str, value: Any) -> str | None:
         known = ", ".join(repr(n) for n in NORMS)
         raise GauntletError(f"Expected `{name}` to be None or one of {known}, but got {value!r}")
     return value
+
+
+def keyword_config(attack: Attack) -> dict[str, Any]:
+    """``config`` for an attack keeping each hyperparameter as an attribute of its name.
+
+    Assign it in the class body (``config = keyword_config``); subclasses inherit it and
+    list their own keyword-only arguments, in constructor order, so ``repr`` follows.
+    """
+    return {name: getattr(attack, name) for name in keyword_params(type(attack))}
 
 
 class Attack:

@@ -22,6 +22,7 @@ from gauntlet.workers.attacks.base import (
     expect_bool,
     expect_float,
     expect_int,
+    keyword_config,
 )
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
@@ -73,17 +74,7 @@ class CarliniWagnerL2(Attack):
         self.targeted = expect_bool("targeted", targeted)
         self.target = expect_target("target", target)
 
-    def config(self) -> dict:
-        return {
-            "steps": self.steps,
-            "binary_steps": self.binary_steps,
-            "initial_const": self.initial_const,
-            "lr": self.lr,
-            "confidence": self.confidence,
-            "abort_early": self.abort_early,
-            "targeted": self.targeted,
-            "target": self.target,
-        }
+    config = keyword_config
 
     def check(self, threat: Threat | None) -> None:
         if threat is not None and threat.norm != "l2":

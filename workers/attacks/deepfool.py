@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int, expect_norm
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int, expect_norm, keyword_config
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
 from gauntlet.workers.attacks.targets import expect_range
@@ -55,13 +55,7 @@ class DeepFool(Attack):
         # Two classes at least: the label and one boundary to cross.
         self.candidates = expect_int("candidates", candidates, 2, 100_000)
 
-    def config(self) -> dict:
-        return {
-            "norm": self.norm,
-            "steps": self.steps,
-            "overshoot": self.overshoot,
-            "candidates": self.candidates,
-        }
+    config = keyword_config
 
     def minimal(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str | None = None

@@ -14,7 +14,7 @@ import time
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int
+from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int, keyword_config
 from gauntlet.workers.attacks.registry import build_attack, register_attack
 
 
@@ -63,13 +63,7 @@ class AutoAttack(Attack):
         self.breakdown: dict[str, int] = {m.name: 0 for m in self.members}
         self.seconds: dict[str, float] = {m.name: 0.0 for m in self.members}
 
-    def config(self) -> dict:
-        return {
-            "version": self.version,
-            "steps": self.steps,
-            "queries": self.queries,
-            "n_target_classes": self.n_target_classes,
-        }
+    config = keyword_config
 
     def check(self, threat) -> None:
         for member in self.members:

@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int, expect_norm
+from gauntlet.workers.attacks.base import (
+    Attack,
+    RunOutput,
+    expect_float,
+    expect_int,
+    expect_norm,
+    keyword_config,
+)
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
 
@@ -104,16 +111,7 @@ class FABT(Attack):
             raise GauntletError(f"Expected `eta` to be a float in [1, 10], but got {eta!r}")
         self.beta = expect_float("beta", beta, 0.0, 1.0)
 
-    def config(self) -> dict:
-        return {
-            "norm": self.norm,
-            "steps": self.steps,
-            "restarts": self.restarts,
-            "n_target_classes": self.n_target_classes,
-            "alpha_max": self.alpha_max,
-            "eta": self.eta,
-            "beta": self.beta,
-        }
+    config = keyword_config
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it

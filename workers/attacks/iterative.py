@@ -123,15 +123,6 @@ class BIM(PGD):
         self.targeted = expect_bool("targeted", targeted)
         self.target = expect_target("target", target)
 
-    def config(self) -> dict:
-        return {
-            "norm": self.norm,
-            "steps": self.steps,
-            "rel_stepsize": self.rel_stepsize,
-            "targeted": self.targeted,
-            "target": self.target,
-        }
-
     def run(self, model, x, y, threat, generator) -> RunOutput:
         if not self.targeted:
             return super().run(model, x, y, threat, generator)
@@ -183,16 +174,6 @@ class MIFGSM(BIM):
         )
         self.momentum = expect_range("momentum", momentum, 0.0, 10.0, open_high=False)
 
-    def config(self) -> dict:
-        return {
-            "norm": self.norm,
-            "steps": self.steps,
-            "rel_stepsize": self.rel_stepsize,
-            "momentum": self.momentum,
-            "targeted": self.targeted,
-            "target": self.target,
-        }
-
     def run(self, model, x, y, threat, generator) -> RunOutput:
         return self._iterate(
             model, x, y, threat, generator, start=x.clone(), momentum=self.momentum
@@ -218,15 +199,6 @@ class PGDTargeted(PGD):
             norm=norm, steps=steps, rel_stepsize=rel_stepsize, random_start=random_start
         )
         self.target = expect_target("target", target)
-
-    def config(self) -> dict:
-        return {
-            "norm": self.norm,
-            "steps": self.steps,
-            "rel_stepsize": self.rel_stepsize,
-            "random_start": self.random_start,
-            "target": self.target,
-        }
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None
@@ -272,9 +244,6 @@ class RFGSM(PGD):
             )
         super().__init__(norm=norm, steps=1, rel_stepsize=1.0 - rel_alpha, random_start=False)
         self.rel_alpha = float(rel_alpha)
-
-    def config(self) -> dict:
-        return {"norm": self.norm, "rel_alpha": self.rel_alpha}
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int
+from gauntlet.workers.attacks.base import (
+    Attack,
+    RunOutput,
+    expect_float,
+    expect_int,
+    keyword_config,
+)
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
 from gauntlet.workers.attacks.square import margin
@@ -105,15 +111,7 @@ class NES(Attack):
             raise GauntletError(f"Expected `loss` to be 'margin' or 'ce', but got {loss!r}")
         self.loss = loss
 
-    def config(self) -> dict:
-        return {
-            "samples": self.samples,
-            "sigma": self.sigma,
-            "queries": self.queries,
-            "steps": self.steps,
-            "rel_stepsize": self.rel_stepsize,
-            "loss": self.loss,
-        }
+    config = keyword_config
 
     @property
     def effective_steps(self) -> int:

@@ -15,16 +15,16 @@ from __future__ import annotations
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int
+from gauntlet.workers.attacks.base import (
+    Attack,
+    RunOutput,
+    expect_float,
+    expect_int,
+    keyword_config,
+)
 from gauntlet.workers.attacks.registry import register_attack
-from gauntlet.workers.attacks.square import margin, put_windows, random_windows
-from gauntlet.workers.attacks.universal import fit_points_subset
-
-# Minibatch of training points per step; each gets its own placement.
-_FIT_BATCH = 32
-# Hinge on the margin, as for universal perturbations: points fooled by this much stop
-# pulling the patch, so the steps serve the points it does not fool yet.
-_KAPPA = 2.0
+from gauntlet.workers.attacks.square import put_windows, random_windows
+from gauntlet.workers.attacks.universal import ascend_epochs, fit_points_subset
 
 
 def patch_side(size: float, height: int, width: int) -> int:
@@ -69,13 +69,7 @@ class Patch(Attack):
         # The fitted patch, (C, s, s) in [0, 1].
         self.patch: torch.Tensor | None = None
 
-    def config(self) -> dict:
-        return {
-            "size": self.size,
-            "fit_points": self.fit_points,
-            "epochs": self.epochs,
-            "step_size": self.step_size,
-        }
+    config = keyword_config
 
     def fit(self, model, x, y, threat, generator) -> None:
         _, c, h, w = x.shape
@@ -84,8 +78,6 @@ class Patch(Attack):
         model.eval()
         try:
             xs, ys = fit_points_subset(model, x, y, self.fit_points, generator)
-            if not len(xs):
-                raise GauntletError("The model gets every training point wrong: nothing to fit")
             # Start from noise, not grey: a constant patch has a symmetric start that
             # signed steps leave only slowly.
             shape = (c, s, s)
@@ -94,21 +86,26 @@ class Patch(Attack):
             # One fixed set of placements to compare epochs by, so the choice of the
             # best patch is not decided by placement luck.
             check = random_windows(len(xs), h, w, s, generator, xs.device)
-            best, best_fooled = patch.clone(), -1
-            for _ in range(self.epochs):
-                order = torch.randperm(len(xs), generator=generator, device=generator.device)
-                order = order.to(xs.device)
-                for start in range(0, len(xs), _FIT_BATCH):
-                    batch = order[start : start + _FIT_BATCH]
-                    top, left = random_windows(len(batch), h, w, s, generator, xs.device)
-                    patch = patch.detach().requires_grad_(True)
-                    logits = model(paste(xs[batch], patch, top, left))
-                    loss = (-margin(logits, ys[batch])).clamp(max=_KAPPA).mean()
-                    (grad,) = torch.autograd.grad(loss, patch)
-                    patch = (patch.detach() + self.step_size * grad.sign()).clamp(0.0, 1.0)
-                fooled = int((~self._correct(model, xs, ys, patch, *check)).sum())
-                if fooled > best_fooled:
-                    best, best_fooled = patch.clone(), fooled
+
+            def logits(xb, patch):
+                # Each point of each step gets a fresh placement: EOT over placements.
+                top, left = random_windows(len(xb), h, w, s, generator, xs.device)
+                return model(paste(xb, patch, top, left))
+
+            # Fitted as a universal perturbation is: hinged on the margin, so points fooled
+            # by that much stop pulling the patch and the steps serve those not fooled yet.
+            best = ascend_epochs(
+                xs,
+                ys,
+                patch,
+                epochs=self.epochs,
+                generator=generator,
+                logits=logits,
+                step=lambda patch, grad: (patch + self.step_size * grad.sign()).clamp(0.0, 1.0),
+                count_fooled=lambda patch: int(
+                    (~self._correct(model, xs, ys, patch, *check)).sum()
+                ),
+            )
         finally:
             model.train(was_training)
         self.patch = best

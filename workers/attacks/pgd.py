@@ -19,6 +19,7 @@ from gauntlet.workers.attacks.base import (
     expect_float,
     expect_int,
     expect_norm,
+    keyword_config,
 )
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
@@ -57,14 +58,7 @@ class PGD(Attack):
             # Without a random start every restart would retrace the same path.
             raise GauntletError("Expected `random_start` to be true when `restarts` > 1")
 
-    def config(self) -> dict:
-        return {
-            "norm": self.norm,
-            "steps": self.steps,
-            "rel_stepsize": self.rel_stepsize,
-            "restarts": self.restarts,
-            "random_start": self.random_start,
-        }
+    config = keyword_config
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it
@@ -139,6 +133,3 @@ class FGSM(PGD):
 
     def __init__(self, *, norm: str | None = None) -> None:
         super().__init__(norm=norm, steps=1, rel_stepsize=1.0, restarts=1, random_start=False)
-
-    def config(self) -> dict:
-        return {"norm": self.norm}

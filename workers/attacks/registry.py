@@ -7,14 +7,22 @@ and one place that turns bad names or parameters into clear messages at submit t
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.attacks.base import Attack, Threat, check_threat
+from gauntlet.workers.registry import Registry, configure, keyword_params
 
-ATTACKS: dict[str, type[Attack]] = {}
+
+class AttackRegistry(Registry[type[Attack]]):
+    """The attack ``Registry``, plus removal: tests register throw-away attacks."""
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+
+ATTACKS = AttackRegistry("attack")
 
 A = TypeVar("A", bound=type[Attack])
 
@@ -26,39 +34,21 @@ def register_attack(cls: A) -> A:
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
         raise TypeError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    # Checked here, not left to the registry, to keep raising ValueError as before.
     if name in ATTACKS and ATTACKS[name] is not cls:
         raise ValueError(f"An attack named {name!r} is already registered: {ATTACKS[name]}")
-    ATTACKS[name] = cls
-    return cls
+    return ATTACKS.add(name, cls)
 
 
 def attack_params(cls: type[Attack]) -> list[str]:
     """The names of ``cls``'s keyword-only hyperparameters."""
-    signature = inspect.signature(cls.__init__)
-    return [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
-
-
-def _lookup(name: object) -> type[Attack]:
-    if not isinstance(name, str) or name not in ATTACKS:
-        known = ", ".join(sorted(ATTACKS))
-        raise GauntletError(f"Unknown attack {name!r}; known attacks: {known}")
-    return ATTACKS[name]
+    return keyword_params(cls)
 
 
 def build_attack(name: str, params: Mapping[str, Any] | None = None) -> Attack:
     """The attack ``name`` configured with ``params``; GauntletError if either is bad."""
-    cls = _lookup(name)
-    params = dict(params or {})
-    allowed = attack_params(cls)
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        accepted = ", ".join(allowed) if allowed else "none"
-        raise GauntletError(
-            f"Unknown parameter(s) {', '.join(unknown)} for attack {name!r}; "
-            f"accepted parameters: {accepted}"
-        )
     # Constructors validate values themselves and raise GauntletError.
-    return cls(**params)
+    return configure(ATTACKS, name, params)
 
 
 def validate_attack(name: str, params: Mapping[str, Any] | None, threat: Threat | None) -> None:

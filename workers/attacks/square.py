@@ -16,7 +16,13 @@ import math
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_float, expect_int
+from gauntlet.workers.attacks.base import (
+    Attack,
+    RunOutput,
+    expect_float,
+    expect_int,
+    keyword_config,
+)
 from gauntlet.workers.attacks.registry import register_attack
 
 # (iteration bound on a 10,000-query scale, divisor of p_init): the paper's schedule.
@@ -138,13 +144,7 @@ class Square(Attack):
             raise GauntletError(f"Expected `loss` to be 'margin' or 'ce', but got {loss!r}")
         self.loss = loss
 
-    def config(self) -> dict:
-        return {
-            "queries": self.queries,
-            "p_init": self.p_init,
-            "restarts": self.restarts,
-            "loss": self.loss,
-        }
+    config = keyword_config
 
     def _query(self, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to minimise, misclassified) from one forward pass."""

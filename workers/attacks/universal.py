@@ -10,6 +10,8 @@ after every step. It needs no inner per-example attack and batches well.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from gauntlet.cluster.errors import GauntletError
@@ -20,6 +22,7 @@ from gauntlet.workers.attacks.base import (
     check_threat,
     expect_float,
     expect_int,
+    keyword_config,
 )
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
@@ -58,7 +61,44 @@ def fit_points_subset(
             if found == count:
                 break
     picked = torch.cat(chosen)
+    if not len(picked):
+        raise GauntletError("The model gets every training point wrong: nothing to fit")
     return x[picked].detach(), y[picked]
+
+
+def ascend_epochs(
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    start: torch.Tensor,
+    *,
+    epochs: int,
+    generator,
+    logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    count_fooled: Callable[[torch.Tensor], int],
+) -> torch.Tensor:
+    """Fit one input-agnostic tensor: minibatch ascent of the hinged margin loss.
+
+    Each epoch visits ``xs`` in a fresh random order, in minibatches of ``_FIT_BATCH``:
+    ``logits(x_batch, param)`` is the model on the perturbed batch (it may draw from
+    ``generator``), ``step(param, grad)`` the updated, projected ``param``. Returns the
+    ``param`` that fooled the most points, by ``count_fooled``, at the end of an epoch.
+    """
+    param = start
+    best, best_fooled = param.clone(), -1
+    for _ in range(epochs):
+        order = torch.randperm(len(xs), generator=generator, device=generator.device)
+        order = order.to(xs.device)
+        for begin in range(0, len(xs), _FIT_BATCH):
+            batch = order[begin : begin + _FIT_BATCH]
+            param = param.detach().requires_grad_(True)
+            loss = (-margin(logits(xs[batch], param), ys[batch])).clamp(max=_KAPPA).mean()
+            (grad,) = torch.autograd.grad(loss, param)
+            param = step(param.detach(), grad)
+        fooled = count_fooled(param)
+        if fooled > best_fooled:
+            best, best_fooled = param.detach().clone(), fooled
+    return best
 
 
 @register_attack
@@ -84,12 +124,7 @@ class Universal(Attack):
         self.delta: torch.Tensor | None = None
         self.fitted_threat: Threat | None = None
 
-    def config(self) -> dict:
-        return {
-            "fit_points": self.fit_points,
-            "epochs": self.epochs,
-            "rel_stepsize": self.rel_stepsize,
-        }
+    config = keyword_config
 
     def fit(self, model, x, y, threat, generator) -> None:
         if threat is None:
@@ -100,24 +135,20 @@ class Universal(Attack):
         model.eval()
         try:
             xs, ys = fit_points_subset(model, x, y, self.fit_points, generator)
-            if not len(xs):
-                raise GauntletError("The model gets every training point wrong: nothing to fit")
-            delta = torch.zeros_like(xs[:1])
-            best, best_fooled = delta.clone(), -1
-            for _ in range(self.epochs):
-                order = torch.randperm(len(xs), generator=generator, device=generator.device)
-                order = order.to(xs.device)
-                for start in range(0, len(xs), _FIT_BATCH):
-                    batch = order[start : start + _FIT_BATCH]
-                    delta = delta.detach().requires_grad_(True)
-                    logits = model((xs[batch] + delta).clamp(0.0, 1.0))
-                    loss = (-margin(logits, ys[batch])).clamp(max=_KAPPA).mean()
-                    (grad,) = torch.autograd.grad(loss, delta)
-                    step = self.rel_stepsize * eps * norm.normalise(grad)
-                    delta = norm.project(delta.detach() + step, torch.zeros_like(delta), eps)
-                fooled = int((~self._correct(model, xs, ys, delta)).sum())
-                if fooled > best_fooled:
-                    best, best_fooled = delta.detach().clone(), fooled
+            best = ascend_epochs(
+                xs,
+                ys,
+                torch.zeros_like(xs[:1]),
+                epochs=self.epochs,
+                generator=generator,
+                logits=lambda xb, delta: model((xb + delta).clamp(0.0, 1.0)),
+                step=lambda delta, grad: norm.project(
+                    delta + self.rel_stepsize * eps * norm.normalise(grad),
+                    torch.zeros_like(delta),
+                    eps,
+                ),
+                count_fooled=lambda delta: int((~self._correct(model, xs, ys, delta)).sum()),
+            )
         finally:
             model.train(was_training)
         self.delta, self.fitted_threat = best, threat

@@ -16,15 +16,14 @@ non-adaptive attack sees exactly the masked gradients a naive evaluation would.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 
-from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.registry import Registry, configure
 
-DEFENSES: dict[str, type[Defense]] = {}
+DEFENSES: Registry[type[Defense]] = Registry("defense")
 
 
 class Defense(torch.nn.Module):
@@ -92,36 +91,17 @@ class Defense(torch.nn.Module):
 
 
 def register_defense(cls: type[Defense]) -> type[Defense]:
-    name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"{cls.__name__} needs a non-empty class attribute `name`")
-    if name in DEFENSES and DEFENSES[name] is not cls:
-        raise ValueError(f"A defense named {name!r} is already registered")
-    DEFENSES[name] = cls
-    return cls
-
-
-def _params(cls: type[Defense]) -> list[str]:
-    signature = inspect.signature(cls.__init__)
-    return [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Defense)):
+        raise TypeError(f"Expected a Defense subclass, but got {cls!r}")
+    return DEFENSES.register(cls)
 
 
 def build_defense(
     name: str, params: Mapping[str, Any] | None, model: torch.nn.Module | None
 ) -> Defense:
     """The defense ``name`` with ``params`` around ``model``; GauntletError if unknown."""
-    if not isinstance(name, str) or name not in DEFENSES:
-        known = ", ".join(sorted(DEFENSES))
-        raise GauntletError(f"Unknown defense {name!r}; known defenses: {known}")
-    cls = DEFENSES[name]
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(_params(cls)))
-    if unknown:
-        raise GauntletError(
-            f"Unknown parameter(s) {', '.join(unknown)} for defense {name!r}; "
-            f"accepted parameters: {', '.join(_params(cls)) or 'none'}"
-        )
-    return cls(model, **params)
+    return configure(DEFENSES, name, params, model)
 
 
 def validate_defense(name: str, params: Mapping[str, Any] | None) -> None:

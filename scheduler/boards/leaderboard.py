@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import sqlalchemy as sa
 
-from gauntlet.db.schema import Job, JobStatus, Model, Outcome
+from gauntlet.db.schema import Job, Model, Outcome
+from gauntlet.scheduler.boards.metrics import done_rows
 from gauntlet.workers.outcomes import unpack, wilson_interval, worst_case
 
 log = logging.getLogger(__name__)
@@ -104,13 +105,9 @@ def _done_runs(engine: sa.Engine, dataset: str | None) -> list[_Run]:
         )
         .join(Model, Model.id == Job.model_id)
         .join(Outcome, Outcome.job_id == Job.id)
-        .where(Job.status == JobStatus.done, Job.kind == "eval")
-        .order_by(Job.id)
+        .where(Job.kind == "eval")
     )
-    if dataset is not None:
-        stmt = stmt.where(Job.dataset == dataset)
-    with engine.connect() as conn:
-        return [_Run(*row) for row in conn.execute(stmt)]
+    return [_Run(*row) for row in done_rows(engine, stmt, dataset=dataset)]
 
 
 def _strongest(clean: np.ndarray, robust_by_attack: dict[str, np.ndarray]) -> str | None:
@@ -126,7 +123,7 @@ def _strongest(clean: np.ndarray, robust_by_attack: dict[str, np.ndarray]) -> st
 def _is_black_box(attack: str) -> bool:
     from gauntlet.workers.attacks import ATTACKS
 
-    cls = ATTACKS.get(attack)
+    cls = ATTACKS[attack] if attack in ATTACKS else None
     return attack.startswith("transfer") or bool(cls and cls.black_box)
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 
-from gauntlet.db.schema import Job, JobStatus, MetricRow, Model
+from gauntlet.db.schema import Job, MetricRow, Model
+from gauntlet.scheduler.boards.metrics import done_rows
 
 
 @dataclass
@@ -31,32 +32,19 @@ class Cell:
 
 def transfer_matrix(engine: sa.Engine, *, dataset: str | None = None) -> list[Cell]:
     source = sa.orm.aliased(Model)
+    threat = (Job.dataset, Job.norm, Job.eps)
+    pair = (source.id, source.name, Model.id, Model.name)
+    metric = (MetricRow.value, MetricRow.n, MetricRow.ci_low, MetricRow.ci_high)
     stmt = (
-        sa.select(
-            Job.dataset,
-            Job.norm,
-            Job.eps,
-            source.id,
-            source.name,
-            Model.id,
-            Model.name,
-            MetricRow.value,
-            MetricRow.n,
-            MetricRow.ci_low,
-            MetricRow.ci_high,
-        )
+        sa.select(*threat, *pair, *metric)
         .join(Model, Model.id == Job.model_id)
         .join(source, source.id == Job.source_model_id)
         .join(MetricRow, sa.and_(MetricRow.job_id == Job.id, MetricRow.name == "success_rate"))
-        .where(Job.status == JobStatus.done, Job.defense.is_(None))
-        .order_by(Job.id)
+        .where(Job.defense.is_(None))
     )
-    if dataset is not None:
-        stmt = stmt.where(Job.dataset == dataset)
     cells: dict[tuple, Cell] = {}
-    with engine.connect() as conn:
-        for row in conn.execute(stmt):
-            cell = Cell(*row)
-            # Ordered by id: a later run of the same pair replaces an earlier one.
-            cells[(cell.dataset, cell.norm, cell.eps, cell.source_id, cell.target_id)] = cell
+    for row in done_rows(engine, stmt, dataset=dataset):
+        cell = Cell(*row)
+        # Ordered by id: a later run of the same pair replaces an earlier one.
+        cells[(cell.dataset, cell.norm, cell.eps, cell.source_id, cell.target_id)] = cell
     return sorted(cells.values(), key=lambda c: (c.dataset, c.norm, c.eps, c.source, c.target))

@@ -1,4 +1,4 @@
-"""Rich tables for the CLI (presentation only; the data comes from other modules)."""
+"""Rich tables for the CLI (presentation only; the data comes from the service layer)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def transfer_tables(cells) -> list[Table]:
 
 
 def calibration_table(rows) -> Table:
-    from gauntlet.scheduler.calibration_board import COLUMNS
+    from gauntlet.scheduler.boards.calibration import COLUMNS
 
     table = Table(title="calibration", caption="ECE: 15 equal-width bins; adv_: under attack")
     for column in ("model", "dataset", "n", *COLUMNS):
@@ -107,32 +107,47 @@ def corruption_table(rows) -> Table:
     return table
 
 
-def backdoor_table(rows) -> Table:
-    """Trigger and poison rate x defense: clean accuracy and ASR before and after."""
-    table = Table(
-        title="backdoors",
-        caption="ASR on triggered test images whose label is not the target; "
-        "before: the backdoored model, after: the defended one",
-    )
-    for column in ("model", "dataset", "trigger", "poison", "defense", "n"):
+def _track_table(title: str, caption: str, left: tuple, right: tuple, rows, cells) -> Table:
+    """A track table: settings columns, right-aligned number columns, a row per run.
+
+    Every row starts with the model and dataset; ``cells(row)`` gives the rest.
+    """
+    table = Table(title=title, caption=caption)
+    for column in left:
         table.add_column(column)
-    for column in ("clean before", "ASR before", "clean after", "ASR after"):
+    for column in right:
         table.add_column(column, justify="right")
     for r in rows:
-        s = r.settings
-        table.add_row(
-            r.model,
-            r.dataset,
-            f"{s.get('trigger', '?')} ({s.get('mode', 'all-to-one')})",
-            _pct(s.get("poison_rate")),
-            _defense_label(r),
-            str(r.n),
-            _pct(r.metrics.get("backdoored_clean_accuracy")),
-            _pct(r.metrics.get("backdoored_attack_success_rate")),
-            _pct(r.metrics.get("clean_accuracy")),
-            _pct(r.metrics.get("attack_success_rate")),
-        )
+        table.add_row(r.model, r.dataset, *cells(r))
     return table
+
+
+_BACKDOOR_METRICS = (
+    "backdoored_clean_accuracy",
+    "backdoored_attack_success_rate",
+    "clean_accuracy",
+    "attack_success_rate",
+)
+
+
+def backdoor_table(rows) -> Table:
+    """Trigger and poison rate x defense: clean accuracy and ASR before and after."""
+
+    def cells(r) -> list[str]:
+        s = r.settings
+        trigger = f"{s.get('trigger', '?')} ({s.get('mode', 'all-to-one')})"
+        head = [trigger, _pct(s.get("poison_rate")), _defense_label(r), str(r.n)]
+        return head + [_pct(r.metrics.get(k)) for k in _BACKDOOR_METRICS]
+
+    return _track_table(
+        "backdoors",
+        "ASR on triggered test images whose label is not the target; "
+        "before: the backdoored model, after: the defended one",
+        ("model", "dataset", "trigger", "poison", "defense", "n"),
+        ("clean before", "ASR before", "clean after", "ASR after"),
+        rows,
+        cells,
+    )
 
 
 def _defense_label(row) -> str:
@@ -154,31 +169,24 @@ def _defense_label(row) -> str:
 
 def privacy_table(rows) -> Table:
     """PATE runs: the privacy spent, what the student learned, and the backdoor's fate."""
-    table = Table(
-        title="privacy (PATE)",
-        caption="eps: data-dependent (data-independent bound in brackets); "
-        "ASR: student on triggered test images",
-    )
-    for column in ("model", "dataset", "aggregator", "teachers", "backdoored", "answered"):
-        table.add_column(column)
-    for column in ("eps", "delta", "student acc", "student ASR"):
-        table.add_column(column, justify="right")
-    for r in rows:
+
+    def cells(r) -> list[str]:
         s, m = r.settings, r.metrics
         eps = "no noise" if "eps" not in m else f"{m['eps']:.3f} ({m['eps_data_independent']:.3f})"
-        table.add_row(
-            r.model,
-            r.dataset,
-            r.method,
-            str(s.get("teachers", "?")),
-            str(s.get("backdoored_teachers", 0)),
-            _pct(m.get("answered")),
-            eps,
-            "-" if "delta" not in m else f"{m['delta']:g}",
-            _pct(m.get("student_accuracy")),
-            _pct(m.get("student_attack_success_rate")),
-        )
-    return table
+        teachers = [str(s.get("teachers", "?")), str(s.get("backdoored_teachers", 0))]
+        delta = "-" if "delta" not in m else f"{m['delta']:g}"
+        student = [_pct(m.get("student_accuracy")), _pct(m.get("student_attack_success_rate"))]
+        return [r.method, *teachers, _pct(m.get("answered")), eps, delta, *student]
+
+    return _track_table(
+        "privacy (PATE)",
+        "eps: data-dependent (data-independent bound in brackets); "
+        "ASR: student on triggered test images",
+        ("model", "dataset", "aggregator", "teachers", "backdoored", "answered"),
+        ("eps", "delta", "student acc", "student ASR"),
+        rows,
+        cells,
+    )
 
 
 def subtasks_table(rows: list[dict]) -> Table:
@@ -264,9 +272,9 @@ def registry_rows(what: str, app=None) -> list[dict]:
             {"name": n, "description": " ".join(load_suite(n).description.split())}
             for n in suite_names()
         ]
-    from gauntlet.scheduler import lifecycle
+    from gauntlet.scheduler import service
 
-    return lifecycle.list_models(app.engine)
+    return service.list_models(app)
 
 
 def rows_table(title: str, rows: list[dict]) -> Table:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from gauntlet.db.schema import Job
-from gauntlet.scheduler.job_metrics import done_metric_rows
+from gauntlet.scheduler.boards.metrics import done_metric_rows
 
 COLUMNS = (
     "accuracy",

@@ -1,4 +1,4 @@
-"""Training-time defenses as jobs: a submitted model in, a derived model out.
+"""The ``train`` job kind, training-time defenses: a submitted model in, a derived model out.
 
 Methods (``spec["attack"]`` of a ``train`` job names the method, ``params`` its settings):
 
@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.architectures import build_architecture
 from gauntlet.workers.attacks.base import expect_float, expect_int
-from gauntlet.workers.datasets import load_split
+from gauntlet.workers.context import JobContext
+from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.jobs.calibration import logits_of
 from gauntlet.workers.models import InputSpec, Normalized, save_classifier
-from gauntlet.workers.result import Metric
+from gauntlet.workers.result import JobResult, Metric
 from gauntlet.workers.training import fgsm_random_start
 
 METHODS = ("fgsm-at", "pgd-at", "ensemble-at", "distillation")
@@ -178,38 +179,44 @@ def train_derived(
     return model.net, _fit(model, x, y, settings, generator, adversarial, progress)
 
 
-def train_job(
-    spec: dict,
-    parent: torch.nn.Module,
-    model_row: dict,
-    *,
-    artifacts: str,
-    data_root,
-    device,
-    static: list[torch.nn.Module] | None = None,
-    progress=None,
-) -> tuple[list[Metric], dict]:
-    input_spec = InputSpec.from_dict(model_row["input_spec"])
-    x, y = load_split(spec["dataset"], "train", data_root)
+def run(ctx: JobContext) -> JobResult:
+    settings = check_train(ctx.spec["attack"], ctx.params)
+    static = ctx.other_models(settings["static_models"], "static model")
+    x, y = ctx.train_split()
     net, loss = train_derived(
-        spec["attack"],
-        spec.get("params") or {},
-        parent,
-        model_row["arch"],
-        input_spec,
-        x.to(device),
-        y.to(device),
-        int(spec["seed"]),
+        ctx.spec["attack"],
+        ctx.params,
+        ctx.net,
+        ctx.model["arch"],
+        ctx.input_spec,
+        x,
+        y,
+        ctx.seed,
         static=static,
-        progress=progress,
+        progress=ctx.progress,
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "derived.safetensors"
         save_classifier(net.cpu(), path)
-        sha = ArtifactStore(artifacts).put_file(path)
+        sha = ctx.store.put_file(path)
     details = {
         "derived_weights_sha256": sha,
-        "method": spec["attack"],
-        "settings": check_train(spec["attack"], spec.get("params") or {}),
+        "method": ctx.spec["attack"],
+        "settings": settings,
+        # Recorded so that a reader can check which static models the examples came from.
+        "static_models": settings["static_models"],
     }
-    return [Metric("final_train_loss", loss, len(y))], details
+    # The parent's clean outcomes on the evaluation subset.
+    x_eval, y_eval, _ = ctx.eval_data
+    clean = logits_of(ctx.net, x_eval, ctx.batch_size).argmax(1) == y_eval
+    return ctx.result([Metric("final_train_loss", loss, len(y))], clean, clean, details)
+
+
+def _static_models(spec: dict) -> list[str]:
+    static = (spec.get("params") or {}).get("static_models") or []
+    return list(static) if isinstance(static, list) else []
+
+
+register_kind(
+    JobKind("train", run, board="derived models", check=check_train, models=_static_models)
+)

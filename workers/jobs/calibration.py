@@ -1,4 +1,4 @@
-"""The calibration job: how well a model's confidence matches its accuracy.
+"""The ``calibration`` job kind: how well a model's confidence matches its accuracy.
 
 On the evaluation subset: ECE/MCE (15 equal-width bins), adaptive and class-wise ECE,
 NLL, Brier, mean confidence and confident errors; temperature scaling fitted on a
@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.workers import calibration
 from gauntlet.workers.attacks import Threat, build_attack
+from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
+from gauntlet.workers.jobs import JobKind, register_kind
 from gauntlet.workers.reliability_diagram import reliability_diagram_png
-from gauntlet.workers.result import Metric
+from gauntlet.workers.result import JobResult, Metric
 
 # Held-out points for fitting the temperature (Guo et al. fit on a validation split).
 HOLDOUT = 500
@@ -40,32 +41,33 @@ def holdout_split(dataset: str, data_root, indices: torch.Tensor, seed: int):
     return x[chosen], y[chosen]
 
 
-def calibration_job(
-    spec: dict, model, x, y, indices, *, artifacts: str, data_root, device
-) -> tuple[list[Metric], dict]:
-    batch_size = int(spec.get("batch_size", 256))
+def run(ctx: JobContext) -> JobResult:
+    spec, model, batch_size = ctx.spec, ctx.defended, ctx.batch_size
+    x, y, indices = ctx.eval_data
     logits = logits_of(model, x, batch_size)
-    x_fit, y_fit = holdout_split(spec["dataset"], data_root, indices, int(spec["seed"]))
-    fit_logits = logits_of(model, x_fit.to(device), batch_size)
+    x_fit, y_fit = holdout_split(ctx.dataset, ctx.data_root, indices, ctx.seed)
+    fit_logits = logits_of(model, x_fit.to(ctx.device), batch_size)
     temperature, before, after = calibration.temperature_report(
         fit_logits.cpu(), y_fit, logits.cpu(), y.cpu()
     )
     metrics = [*before, *after, Metric("temperature", temperature, len(y_fit))]
     probs = torch.softmax(logits.cpu().double(), dim=1)
-    png = reliability_diagram_png(probs, y.cpu(), title=spec["dataset"])
-    details = {
-        "temperature": temperature,
-        "reliability_diagram": ArtifactStore(artifacts).put_bytes(png),
-    }
+    png = reliability_diagram_png(probs, y.cpu(), title=ctx.dataset)
+    details = {"temperature": temperature, "reliability_diagram": ctx.store.put_bytes(png)}
     robust = logits.argmax(1) == y
     if spec.get("norm") is not None:
         # Confidence under attack: models are confidently wrong off the data distribution.
-        attack = build_attack(spec["attack"], spec.get("params") or {})
+        attack = build_attack(spec["attack"], ctx.params)
         threat = Threat(spec["norm"], float(spec["eps"]))
-        generator = torch.Generator(device=x.device).manual_seed(int(spec["seed"]))
+        generator = torch.Generator(device=x.device).manual_seed(ctx.seed)
         result = attack(model, x, y, threat, batch_size=batch_size, generator=generator)
         adv_logits = logits_of(model, result.x_adv, batch_size)
         metrics += calibration.calibration_metrics(adv_logits.cpu(), y.cpu(), prefix="adv_")
         details["attack_config"] = repr(attack)
         robust = adv_logits.argmax(1) == y
-    return metrics, details, logits.argmax(1) == y, robust
+    ctx.report(len(y), len(y))
+    clean = logits.argmax(1) == y
+    return ctx.result(metrics, clean, clean & robust, details)
+
+
+register_kind(JobKind("calibration", run, board="calibration"))

@@ -11,18 +11,24 @@ aggregation is reproducible; with ``generator=None`` torch's global generator is
 Noise is added in float64: vote counts are exact there, and float32 rounding of a large
 count plus small noise could otherwise create ties that the noise should have broken.
 
-What the answers cost in privacy is computed by ``workers.privacy``.
+What the answers cost in privacy is computed by ``lnmax_accounting`` and
+``gnmax_accounting``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import torch
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.privacy.checks import (
+    NOISE_SIGMA_RANGE,
+    check_gamma,
+    check_number,
+    check_sigma,
+)
 
 __all__ = [
     "ConfidentVotes",
@@ -34,6 +40,9 @@ __all__ = [
     "plurality",
     "vote_counts",
 ]
+
+Generator = torch.Generator | None
+Device = torch.device | str
 
 # A refused Confident-GNMax query gets this label: it is no class, so using it by
 # mistake as a training label fails loudly instead of teaching class 0.
@@ -81,17 +90,14 @@ def plurality(counts: torch.Tensor) -> torch.Tensor:
 
 
 def laplace_noise(
-    shape: tuple[int, ...],
-    gamma: float,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
+    shape: tuple[int, ...], gamma: float, generator: Generator = None, device: Device = "cpu"
 ) -> torch.Tensor:
     """float64 Laplace noise of scale ``1 / gamma`` (mean absolute deviation ``1 / gamma``).
 
     Drawn as the difference of two Exp(1) variables, which needs only the generator's
     ``exponential_`` and, unlike the inverse CDF of a uniform, never hits log(0).
     """
-    _check_gamma(gamma, allow_off=False)
+    check_gamma(gamma)
     _check_generator(generator, torch.device(device))
     first = torch.empty(shape, dtype=torch.float64, device=device).exponential_(generator=generator)
     second = torch.empty(shape, dtype=torch.float64, device=device).exponential_(
@@ -101,13 +107,10 @@ def laplace_noise(
 
 
 def gaussian_noise(
-    shape: tuple[int, ...],
-    sigma: float,
-    generator: torch.Generator | None = None,
-    device: torch.device | str = "cpu",
+    shape: tuple[int, ...], sigma: float, generator: Generator = None, device: Device = "cpu"
 ) -> torch.Tensor:
     """float64 N(0, sigma^2) noise."""
-    _check_sigma(sigma, "sigma")
+    check_sigma(sigma, "sigma", NOISE_SIGMA_RANGE)
     _check_generator(generator, torch.device(device))
     noise = torch.randn(shape, dtype=torch.float64, device=device, generator=generator)
     return noise * sigma
@@ -122,7 +125,7 @@ def lnmax(
     or infinity switches the noise off and returns ``plurality(counts)`` exactly.
     """
     _check_counts(counts)
-    _check_gamma(gamma, allow_off=True)
+    check_gamma(gamma, allow_off=True)
     if gamma is None or math.isinf(gamma):
         return plurality(counts)
     noise = laplace_noise(tuple(counts.shape), gamma, generator, counts.device)
@@ -137,7 +140,7 @@ def gnmax(
     ``sigma`` of 0 switches the noise off and returns ``plurality(counts)`` exactly.
     """
     _check_counts(counts)
-    _check_sigma(sigma, "sigma")
+    check_sigma(sigma, "sigma", NOISE_SIGMA_RANGE)
     if sigma == 0:
         return plurality(counts)
     noise = gaussian_noise(tuple(counts.shape), sigma, generator, counts.device)
@@ -162,12 +165,11 @@ def confident_gnmax(
     query (refused ones included), so a seed fixes all answers whatever gets refused.
     """
     _check_counts(counts)
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
-        raise GauntletError(f"threshold must be a number, but got {threshold!r}")
+    check_number(threshold, "threshold")
     if not math.isfinite(threshold):
         raise GauntletError(f"threshold must be finite, but got {threshold}")
-    _check_sigma(sigma1, "sigma1")
-    _check_sigma(sigma2, "sigma2")
+    check_sigma(sigma1, "sigma1", NOISE_SIGMA_RANGE)
+    check_sigma(sigma2, "sigma2", NOISE_SIGMA_RANGE)
     top = counts.double().max(dim=1).values
     if sigma1 > 0:
         top = top + gaussian_noise(tuple(top.shape), sigma1, generator, counts.device)
@@ -198,26 +200,6 @@ def _check_counts(counts: torch.Tensor) -> None:
         )
     if counts.numel() and counts.min() < 0:
         raise GauntletError("Vote counts must be non-negative")
-
-
-def _check_gamma(gamma: float | None, allow_off: bool) -> None:
-    if gamma is None and allow_off:
-        return
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or math.isnan(gamma):
-        raise GauntletError(f"gamma must be a positive number, but got {gamma!r}")
-    if gamma <= 0:
-        raise GauntletError(f"gamma (the inverse Laplace scale) must be > 0, but got {gamma}")
-    if math.isinf(gamma) and not allow_off:
-        raise GauntletError("gamma must be finite to draw Laplace noise")
-
-
-def _check_sigma(sigma: float, name: str) -> None:
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise GauntletError(f"{name} must be a number, but got {sigma!r}")
-    if not math.isfinite(sigma) or sigma < 0:
-        raise GauntletError(
-            f"{name} (a noise standard deviation) must be finite and >= 0, got {sigma}"
-        )
 
 
 def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:

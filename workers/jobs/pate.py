@@ -1,4 +1,4 @@
-"""PATE as a job: teachers in parallel, a noisy aggregate, a student, and the privacy cost.
+"""The ``pate`` job kind: teachers in parallel, a noisy aggregate, a student, and the privacy cost.
 
 (Papernot et al. 2017, arXiv 1610.05755; 2018, arXiv 1802.08908.) The training split is
 cut into ``teachers`` disjoint partitions; each trains the job's architecture from
@@ -14,21 +14,22 @@ student (and the privacy analysis) may see.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers import aggregation, privacy
+from gauntlet.workers import privacy
 from gauntlet.workers.attacks.base import expect_bool, expect_float, expect_int
 from gauntlet.workers.backdoor import backdoor_labels, build_trigger, train_backdoored
 from gauntlet.workers.backdoor.metrics import predict, rate_metric
 from gauntlet.workers.backdoor.training import fit, fresh_model, frozen
+from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.fanout import run_parallel
+from gauntlet.workers.jobs import JobKind, register_kind
 from gauntlet.workers.models import InputSpec
-from gauntlet.workers.result import Metric
+from gauntlet.workers.privacy import aggregation
+from gauntlet.workers.result import JobResult, Metric
 
 METHODS = ("lnmax", "gnmax", "confident-gnmax")
 _PARAMS = {
@@ -187,21 +188,20 @@ def _privacy(method: str, counts: torch.Tensor, answered: torch.Tensor, s: dict)
     ]
 
 
-def pate_job(
-    spec: dict,
-    model: dict,
-    *,
-    x_eval,
-    y_eval,
-    indices,
-    data_root: str,
-    device,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[Metric], dict, torch.Tensor, torch.Tensor, list]:
-    """(metrics, details, student correct, student correct under trigger, sub-task records).
+def run(ctx: JobContext) -> JobResult:
+    """Student correct, and student correct under the trigger, are the job's outcomes;
+    each teacher's task is recorded as a sub-task.
 
-    ``progress(done, teachers + 1)``: each teacher that finishes, then the student.
+    Progress is (done, teachers + 1): each teacher that finishes, then the student.
     """
+    spec, model, device, progress, data_root = (
+        ctx.spec,
+        ctx.model,
+        ctx.device,
+        ctx.progress,
+        ctx.data_root,
+    )
+    x_eval, y_eval, indices = ctx.eval_data
     s = check_pate(spec["attack"], spec.get("params") or {})
     method, seed = spec["attack"], int(spec["seed"])
     input_spec = InputSpec.from_dict(model["input_spec"])
@@ -294,4 +294,7 @@ def pate_job(
         "answered": int(answered.sum()),
         "teachers": s["teachers"],
     }
-    return metrics, details, correct, correct & (triggered == y_eval), records
+    return ctx.result(metrics, correct, correct & (triggered == y_eval), details, records)
+
+
+register_kind(JobKind("pate", run, board="privacy", check=check_pate))

@@ -1,4 +1,4 @@
-"""A ``backdoor`` job: plant a BadNets backdoor, apply one defense, measure both models.
+"""The ``backdoor`` job kind: plant a BadNets backdoor, apply one defense, measure both models.
 
 ``spec["attack"]`` names the defense, ``params`` the trigger, the poisoning and the
 defense's settings (``check_backdoor``):
@@ -21,10 +21,6 @@ a model that never saw it. Every number is measured on the job's evaluation subs
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.attacks.base import expect_bool, expect_float, expect_int
 from gauntlet.workers.backdoor import (
@@ -43,9 +39,10 @@ from gauntlet.workers.backdoor import (
     transfer_learn,
     trigger_drop_metrics,
 )
-from gauntlet.workers.datasets import load_split
+from gauntlet.workers.context import JobContext
+from gauntlet.workers.jobs import JobKind, register_kind
 from gauntlet.workers.models import InputSpec
-from gauntlet.workers.result import Metric
+from gauntlet.workers.result import JobResult, Metric
 
 METHODS = ("none", "transfer", "distillation", "finetune")
 _COMMON = {"trigger", "trigger_params", "mode", "target", "poison_rate", "init", "epochs", "lr"}
@@ -135,25 +132,16 @@ def _prefixed(prefix: str, metrics: list[Metric]) -> list[Metric]:
     return [Metric(prefix + m.name, m.value, m.n, m.low, m.high) for m in metrics]
 
 
-def backdoor_job(
-    spec: dict,
-    model: dict,
-    net,
-    *,
-    x_eval: torch.Tensor,
-    y_eval: torch.Tensor,
-    data_root: str,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[Metric], dict, torch.Tensor, torch.Tensor]:
-    """(metrics, details, defended correct, defended correct under the trigger)."""
+def run(ctx: JobContext) -> JobResult:
+    """Defended correct, and defended correct under the trigger, are the job's outcomes."""
+    spec, model, net, progress = ctx.spec, ctx.model, ctx.net, ctx.progress
+    x_eval, y_eval, _ = ctx.eval_data
     method = spec["attack"]
     s = check_backdoor(method, spec.get("params") or {})
     seed = int(spec["seed"])
     input_spec = InputSpec.from_dict(model["input_spec"])
     trigger = build_trigger(s["trigger"], s["trigger_params"])
-    device = x_eval.device
-    x_train, y_train = load_split(spec["dataset"], "train", data_root)
-    x_train, y_train = x_train.to(device), y_train.to(device)
+    x_train, y_train = ctx.train_split()
     split = method == "transfer" and s["task"] == "split"
     if split and s["init"] == "model":
         raise GauntletError("the split transfer task trains a 5-class source; use init: scratch")
@@ -253,4 +241,7 @@ def backdoor_job(
         metrics += backdoor_metrics(defended, x_eval, y_eval, **measure)
     correct = predict(defended, x_eval) == y_eval
     kept = predict(defended, trigger.stamp(x_eval)) == y_eval
-    return metrics, details, correct, correct & kept
+    return ctx.result(metrics, correct, correct & kept, details)
+
+
+register_kind(JobKind("backdoor", run, board="backdoor", check=check_backdoor))

@@ -1,0 +1,184 @@
+"""Commands that put work on the queue or show it: submit, jobs, train, backdoor, pate,
+subtasks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import click
+
+from gauntlet.cluster.errors import GauntletError
+from gauntlet.scheduler.cli import _app, _listing, _print_json, console, main, tables
+
+
+@main.command()
+@click.argument("weights", type=click.Path(dir_okay=False))
+@click.option("--arch", required=True, help="Architecture name (see `gauntlet archs`).")
+@click.option("--dataset", required=True, help="Dataset name (see `gauntlet datasets`).")
+@click.option("--suite", default="quick", show_default=True, help="Evaluation suite.")
+@click.option("--name", help="Display name (default: the file name).")
+@click.option("--n", type=int, help="Evaluation points (default: the suite's).")
+@click.option("--mean", help="Per-channel mean, comma separated (default: the dataset's).")
+@click.option("--std", help="Per-channel std, comma separated (default: the dataset's).")
+@click.option("--num-classes", type=int, help="Classes (default: the dataset's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def submit(ctx, weights, mean, std, num_classes, as_json, **options):
+    """Submit a safetensors model and enqueue its suite's evaluations."""
+    from gauntlet.scheduler import service
+
+    overrides = {
+        "mean": _floats(mean, "mean"),
+        "std": _floats(std, "std"),
+        "num_classes": num_classes,
+    }
+    # ``options``: arch, dataset, suite, name and n, passed through as they are.
+    report = service.submit_model(_app(ctx), weights, input_overrides=overrides, **options)
+    if as_json:
+        _print_json(asdict(report))
+        return
+    state = "new model" if report.new_model else "known model"
+    console.print(
+        f"{report.name} ({state} {report.model_id[:12]}): {report.jobs} evaluations, "
+        f"{report.new_jobs} new, {report.enqueued} enqueued"
+    )
+
+
+def _floats(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise GauntletError(
+            f"Expected `--{what}` to be numbers separated by commas, but got {text!r}"
+        ) from None
+
+
+@main.command()
+@click.option("--status", type=click.Choice(["queued", "running", "done", "failed"]))
+@click.option("--model", help="Model name or id prefix.")
+@click.option("--dataset")
+@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def jobs(ctx, status, model, dataset, limit, as_json):
+    """List jobs and their status."""
+    from gauntlet.scheduler import service
+
+    rows = service.list_jobs(_app(ctx), status=status, model=model, dataset=dataset, limit=limit)
+    _listing(rows, as_json, tables.jobs_table)
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--method",
+    required=True,
+    type=click.Choice(["fgsm-at", "pgd-at", "ensemble-at", "distillation"]),
+)
+@click.option("--static", "static", multiple=True, help="ensemble-at: a pre-trained model.")
+@click.option("--eps", type=float, help="Adversarial training budget (Linf).")
+@click.option("--epochs", type=int)
+@click.option("--temperature", type=float, help="Distillation temperature (default 100).")
+@click.option("--suite", default="quick", show_default=True, help="Suite for the derived model.")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True)
+@click.pass_context
+def train(ctx, model, method, eps, epochs, temperature, suite, num_gpus, static):
+    """Train a defended model from MODEL (a name or id prefix) as a job; it is then evaluated."""
+    from gauntlet.scheduler import service
+
+    options = {"eps": eps, "epochs": epochs, "temperature": temperature, "suite": suite}
+    params = {k: v for k, v in options.items() if v is not None}
+    job_id, new = service.request_training(
+        _app(ctx), model, method, params, static=static, num_gpus=num_gpus
+    )
+    console.print(f"train job {job_id} queued" if new else "this training was already requested")
+
+
+def _settings(pairs: tuple[str, ...]) -> dict:
+    """``--set key=value`` pairs, each value parsed as JSON (a bare word stays a string)."""
+    settings = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise GauntletError(f"Expected --set KEY=VALUE, but got {pair!r}")
+        try:
+            settings[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[key] = raw
+    return settings
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--defense",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "transfer", "distillation", "finetune"]),
+)
+@click.option("--trigger", type=click.Choice(["pixel", "pattern", "square", "blend"]))
+@click.option("--poison-rate", type=float, help="Share of the training set poisoned (0.1).")
+@click.option("--mode", type=click.Choice(["all-to-one", "all-to-all"]))
+@click.option("--target", type=int, help="All-to-one target class (0).")
+@click.option("--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable).")
+@click.option("-n", "n", type=int, default=200, show_default=True, help="Test points scored.")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True)
+@click.pass_context
+def backdoor(ctx, model, defense, trigger, poison_rate, mode, target, pairs, n, num_gpus):
+    """Plant a BadNets backdoor in MODEL's architecture and measure a defense against it."""
+    from gauntlet.scheduler import service
+
+    options = {"trigger": trigger, "poison_rate": poison_rate, "mode": mode, "target": target}
+    params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
+    job_id, new = service.request_job(
+        _app(ctx), model, "backdoor", defense, params, n=n, num_gpus=num_gpus
+    )
+    console.print(f"backdoor job {job_id} queued" if new else "this job was already requested")
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--aggregator",
+    default="gnmax",
+    show_default=True,
+    type=click.Choice(["lnmax", "gnmax", "confident-gnmax"]),
+)
+@click.option("--teachers", type=int, help="Teachers on disjoint partitions (10).")
+@click.option("--backdoored-teachers", type=int, help="Teachers given a backdoor (0).")
+@click.option("--teacher-gpus", type=float, help="GPUs per teacher task; fractions share one.")
+@click.option("--no-noise", is_flag=True, help="Plain plurality vote (no privacy).")
+@click.option("--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable).")
+@click.option("-n", "n", type=int, default=200, show_default=True, help="Test points scored.")
+@click.pass_context
+def pate(ctx, model, aggregator, teachers, backdoored_teachers, teacher_gpus, no_noise, pairs, n):
+    """Train PATE teachers (parallel Ray tasks) and a student for MODEL's architecture."""
+    from gauntlet.scheduler import service
+
+    options = {
+        "teachers": teachers,
+        "backdoored_teachers": backdoored_teachers,
+        "teacher_gpus": teacher_gpus,
+        "noise": False if no_noise else None,
+    }
+    params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
+    job_id, new = service.request_job(_app(ctx), model, "pate", aggregator, params, n=n)
+    console.print(f"pate job {job_id} queued" if new else "this job was already requested")
+
+
+@main.command()
+@click.argument("job_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def subtasks(ctx, job_id, as_json):
+    """Where and when the pieces of a job (PATE teachers) ran."""
+    from gauntlet.scheduler import service
+
+    rows = service.subtasks(_app(ctx), job_id)
+    if rows or as_json:
+        _listing(rows, as_json, tables.subtasks_table)
+    else:
+        console.print(f"Job {job_id} recorded no sub-tasks.")

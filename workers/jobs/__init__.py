@@ -1,0 +1,66 @@
+"""Job kinds as plug-ins: one registry, one module per kind.
+
+A kind declares its name, its runner (``run(ctx) -> JobResult``), the board that reads
+its results, for kinds whose ``attack`` field names a procedure the settings check (the
+same check runs at submit time in the scheduler and again in the worker), and which
+other models a job of it loads. The scheduler and the task entry look kinds up here and
+never list them, so a new kind is its module, its tests and a README line.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gauntlet.workers.registry import Registry
+
+
+def _no_models(spec: dict) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    # run(ctx: JobContext) -> JobResult; GauntletError for what the submitter can fix.
+    run: Callable
+    # The board (leaderboard, calibration, corruption, transfer, backdoor, privacy, derived
+    # models) that shows this kind's results.
+    board: str
+    # check(procedure, params) -> settings with defaults, for kinds whose ``attack``
+    # names a procedure (a training method, a backdoor defense, an aggregator); None when
+    # ``attack`` is an attack from the attack registry.
+    check: Callable[[str, dict], dict] | None = None
+    # Ids of other models a job loads (transfer sources, static models); the dispatcher
+    # sends their rows along with the job.
+    models: Callable[[dict], list[str]] = _no_models
+
+
+JOB_KINDS: Registry[JobKind] = Registry("job kind")
+
+# The built-in kinds, imported on first lookup: each module registers itself.
+BUILT_IN = tuple(
+    f"gauntlet.workers.jobs.{name}"
+    for name in ("eval", "calibration", "corruption", "train", "backdoor", "pate")
+)
+
+
+def register_kind(kind: JobKind) -> JobKind:
+    return JOB_KINDS.register(kind)
+
+
+def _load_built_ins() -> None:
+    for module in BUILT_IN:
+        importlib.import_module(module)
+
+
+def job_kind(name: str) -> JobKind:
+    """The kind called ``name``; GauntletError naming the known ones otherwise."""
+    _load_built_ins()
+    return JOB_KINDS.get(name)
+
+
+def kind_names() -> list[str]:
+    _load_built_ins()
+    return JOB_KINDS.names()

@@ -1,0 +1,209 @@
+"""The ``eval`` job kind: robust accuracy of a (defended) model under one attack.
+
+The attack runs on the *attack surface*: the model, or for a defended model its
+adaptive stand-in (BPDA, EOT). Whether a point is robust is always judged on the
+defended model itself. For a transfer job the surface is the source (surrogate) model,
+or an ensemble of surrogates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gauntlet.workers import outcomes, reliability
+from gauntlet.workers.adaptive import attack_surface
+from gauntlet.workers.attacks import AttackResult, Threat, build_attack
+from gauntlet.workers.context import JobContext
+from gauntlet.workers.defenses import Defense
+from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.metrics import attack_metrics
+from gauntlet.workers.result import JobResult, Metric
+
+# Points used for the reliability checks: enough to see masking, cheap to run.
+CHECK_POINTS = 64
+
+
+class SurrogateEnsemble(torch.nn.Module):
+    """Several surrogates as one model: their mean logits (Liu et al. 2017)."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+
+    def forward(self, x):
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+def decide(defended, x, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prediction, accepted) of the deployed model; only rejecting defenses refuse."""
+    preds, accepted = [], []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            xb = x[start : start + batch_size]
+            if isinstance(defended, Defense):
+                pred, ok = defended.decide(xb)
+            else:
+                pred = defended(xb).argmax(1)
+                ok = torch.ones_like(pred, dtype=torch.bool)
+            preds.append(pred)
+            accepted.append(ok)
+    return torch.cat(preds), torch.cat(accepted)
+
+
+def _judge(defended, x, x_adv, y, batch_size: int):
+    """(clean correct, robust, rejected) on the deployed model, whatever the attack ran on.
+
+    A rejected clean input is not a correct answer; a rejected adversarial input is a
+    defended one (the attack did not get a wrong label through). ``rejected`` is (n, 2):
+    the clean input, the adversarial one.
+    """
+    pred, accepted = decide(defended, x, batch_size)
+    pred_adv, accepted_adv = decide(defended, x_adv, batch_size)
+    clean = (pred == y) & accepted
+    rejected = torch.stack([~accepted, ~accepted_adv], dim=1)
+    return clean, clean & ((pred_adv == y) | ~accepted_adv), rejected
+
+
+def rejection_metrics(rejected: torch.Tensor) -> list[Metric]:
+    """Shares of clean and of adversarial inputs the defense refused to answer."""
+    metrics = []
+    for column, name in enumerate(("rejected_clean", "rejected_adversarial")):
+        k, n = int(rejected[:, column].sum()), len(rejected)
+        low, high = outcomes.wilson_interval(k, n)
+        metrics.append(Metric(name, k / n, n, low, high))
+    return metrics
+
+
+def run_chunks(
+    attack, surface, defended, x, y, threat, *, seed, batch_size, checkpoint, progress
+) -> tuple[AttackResult, torch.Tensor]:
+    """The attack's result, and which clean and adversarial inputs were rejected (n, 2)."""
+    """Attack in chunks of ``batch_size``, saving per-example state after each chunk."""
+    n = len(x)
+    state = checkpoint.load() if checkpoint else None
+    stale = state is None or "rejected" not in state or state["x_adv"].shape != x.shape
+    if stale or int(state["done"]) > n:
+        state = {
+            "done": torch.tensor(0),
+            "x_adv": x.detach().cpu().clone(),
+            "clean": torch.zeros(n, dtype=torch.bool),
+            "robust": torch.zeros(n, dtype=torch.bool),
+            "rejected": torch.zeros(n, 2, dtype=torch.bool),
+            "queries": torch.zeros(n, dtype=torch.int64),
+            "grad_evals": torch.tensor(0),
+        }
+    black_box = False
+    for start in range(int(state["done"]), n, batch_size):
+        sl = slice(start, start + batch_size)
+        generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + start)
+        torch.manual_seed(seed * 1_000_003 + start)  # randomized defenses draw from here
+        part = attack(surface, x[sl], y[sl], threat, batch_size=batch_size, generator=generator)
+        clean, robust = part.clean_correct, part.robust
+        if (
+            defended is not surface
+            or getattr(defended, "randomized", False)
+            or getattr(defended, "rejects", False)
+        ):
+            # Judge on the deployed model with fresh randomness: an attack on a random
+            # model stops at the first lucky draw, which says little about the next one.
+            clean, robust, rejected = _judge(defended, x[sl], part.x_adv, y[sl], batch_size)
+            state["rejected"][sl] = rejected.cpu()
+        state["x_adv"][sl] = part.x_adv.detach().cpu()
+        state["clean"][sl], state["robust"][sl] = clean.cpu(), robust.cpu()
+        if part.queries is not None:
+            black_box = True
+            state["queries"][sl] = part.queries.cpu()
+        state["grad_evals"] = state["grad_evals"] + part.grad_evals
+        state["done"] = torch.tensor(min(start + batch_size, n))
+        if checkpoint:
+            checkpoint.save(state)
+        if progress:
+            progress(int(state["done"]), n)
+    return AttackResult(
+        x_adv=state["x_adv"].to(x.device),
+        clean_correct=state["clean"],
+        robust=state["robust"],
+        grad_evals=int(state["grad_evals"]),
+        queries=state["queries"] if black_box or attack.black_box else None,
+    ), state["rejected"]
+
+
+def _surface(ctx: JobContext):
+    """What the attack takes its gradients from, and the adaptations that were made."""
+    spec = ctx.spec
+    surface, adaptations = attack_surface(
+        ctx.defended, adaptive=spec.get("adaptive", True), eot_samples=spec.get("eot_samples", 10)
+    )
+    if spec.get("source_model"):
+        (surface,) = ctx.other_models([spec["source_model"]], "transfer source model")
+        adaptations = [*adaptations, "transfer"]
+    if spec.get("source_ensemble"):
+        members = ctx.other_models(spec["source_ensemble"], "a surrogate model of this ensemble")
+        surface = SurrogateEnsemble(members)
+        adaptations = [*adaptations, f"transfer-ensemble-{len(members)}"]
+    return surface, adaptations
+
+
+def run(ctx: JobContext) -> JobResult:
+    spec, defended = ctx.spec, ctx.defended
+    surface, adaptations = _surface(ctx)
+    x, y, _ = ctx.eval_data
+    seed, batch_size = ctx.seed, ctx.batch_size
+    flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
+
+    attack = build_attack(spec["attack"], ctx.params)
+    threat = None if spec.get("norm") is None else Threat(spec["norm"], float(spec["eps"]))
+    if attack.needs_train_data:
+        x_train, y_train = ctx.train_split()
+        generator = torch.Generator(device=ctx.device).manual_seed(seed)
+        attack.fit(surface, x_train, y_train, threat, generator)
+
+    def attack_all(budget, checkpoint, progress):
+        return run_chunks(
+            attack,
+            surface,
+            defended,
+            x,
+            y,
+            budget,
+            seed=seed,
+            batch_size=batch_size,
+            checkpoint=checkpoint,
+            progress=progress,
+        )
+
+    result, rejected = attack_all(threat, ctx.checkpoint, ctx.progress)
+    metrics = attack_metrics(x, result)
+    details = {
+        "attack_config": repr(attack),
+        "grad_evals": result.grad_evals,
+        "adaptations": adaptations,
+        "flags": flags,
+    }
+    if spec.get("defense"):
+        details["defense_config"] = repr(defended)
+    if getattr(defended, "rejects", False):
+        metrics.extend(rejection_metrics(rejected))
+    if getattr(attack, "breakdown", None):
+        details["breakdown"] = dict(attack.breakdown)  # points each ensemble member broke
+    sweep = sorted(float(e) for e in spec.get("eps_sweep") or [])
+    if sweep:
+        curve = []
+        for eps in sweep:
+            part, _ = attack_all(Threat(spec["norm"], eps), None, None)
+            metrics.append(
+                ctx.accuracy(f"robust_accuracy@{eps:g}", part.robust & part.clean_correct)
+            )
+            curve.append(metrics[-1].value)
+        details["curve"] = {"eps": sweep, "robust_accuracy": curve}
+        flags.extend(reliability.curve_flags(sweep, curve))
+    if ctx.checkpoint:
+        ctx.checkpoint.clear()
+    return ctx.result(metrics, result.clean_correct, result.robust & result.clean_correct, details)
+
+
+def _transfer_sources(spec: dict) -> list[str]:
+    return [m for m in [spec.get("source_model"), *(spec.get("source_ensemble") or [])] if m]
+
+
+register_kind(JobKind("eval", run, board="leaderboard", models=_transfer_sources))
