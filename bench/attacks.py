@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
 from gauntlet.workers.attacks import PGD, Threat  # noqa: E402
+from gauntlet.workers.training import fit  # noqa: E402
 
 
 def digits(size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,15 +70,7 @@ def cnn(size: int, width: int) -> nn.Module:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            batch = order[i : i + 64]
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    fit(model, x, y, epochs=epochs, lr=3e-3, batch_size=64, seed=0)
     return model.eval()
 
 

@@ -168,7 +168,7 @@ class MetricRow(Base):
 
 
 class Outcome(Base):
-    """Per-example outcomes of a finished job as packed bitsets (workers.outcomes)."""
+    """Per-example outcomes of a finished job as packed bitsets (workers.results)."""
 
     __tablename__ = "outcomes"
 

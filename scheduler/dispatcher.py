@@ -28,7 +28,7 @@ from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.executors import Executor, Handle
 from gauntlet.scheduler.queue import Entry, JobQueue
 from gauntlet.workers.jobs import job_kind
-from gauntlet.workers.result import JobFailure, JobResult
+from gauntlet.workers.results import JobFailure, JobResult
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gauntlet.workers.result import JobFailure, JobResult
+from gauntlet.workers.results import JobFailure, JobResult
 from gauntlet.workers.task import run_job
 
 

@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.db.schema import Job, JobStatus, MetricRow, Model, Outcome, SubTask, utcnow
-from gauntlet.workers.result import JobResult
+from gauntlet.workers.results import JobResult
 
 # JobStatus is re-exported: callers compare get_job()['status'] against it.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -17,7 +18,8 @@ def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def standard_digits(digits_models) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+@pytest.fixture(scope="module")
+def standard(digits_models) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(model, x, y): the undefended digits CNN and 200 test points."""
     spec = InputSpec(1, 8, 8, 10)
     model = load_classifier(digits_models["standard"], "small-cnn", spec).eval()
@@ -25,7 +27,8 @@ def standard_digits(digits_models) -> tuple[nn.Module, torch.Tensor, torch.Tenso
     return model, x, y
 
 
-def correct_points(standard) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+@pytest.fixture(scope="module")
+def correct(standard) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(model, x, y): the first 100 points, only those the model gets right."""
     model, x, y = standard
     x, y = x[:100], y[:100]

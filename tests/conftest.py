@@ -16,6 +16,9 @@ import pytest
 
 from gauntlet.cluster.settings import Settings
 
+# The attack tests' digits fixtures (``standard``, ``correct``) live with their helpers.
+pytest_plugins = ["tests.attack_helpers"]
+
 REDIS_ENV = "GAUNTLET_TEST_REDIS_URL"
 POSTGRES_ENV = "GAUNTLET_TEST_POSTGRES_URL"
 

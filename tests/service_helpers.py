@@ -47,17 +47,21 @@ def run_eval(stored: tuple[dict, str], *, n: int, **spec):
     from gauntlet.workers.task import run_spec as evaluate
 
     model, store = stored
+    return evaluate(pgd_spec(n=n, **spec), model, artifacts=store, data_root="")
+
+
+def pgd_spec(**spec) -> dict:
+    """A 10-step Linf PGD eval spec on digits (eps 0.2, seed 0), overridden by ``spec``."""
     base = {
         "dataset": "digits",
         "attack": "pgd",
         "params": {"steps": 10},
         "norm": "linf",
         "eps": 0.2,
-        "n": n,
         "seed": 0,
         "batch_size": 64,
     }
-    return evaluate({**base, **spec}, model, artifacts=store, data_root="")
+    return {**base, **spec}
 
 
 def metric(result, name: str) -> float:

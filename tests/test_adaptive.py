@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from gauntlet.scheduler.boards.leaderboard import _masking_flags
-from gauntlet.workers import outcomes
-from gauntlet.workers.adaptive import BPDA, EOT, attack_surface
+from gauntlet.workers import results
 from gauntlet.workers.defenses import build_defense
+from gauntlet.workers.defenses.adaptive import BPDA, EOT, attack_surface
 from gauntlet.workers.task import run_spec as evaluate
 from tests.service_helpers import metric as _metric
-from tests.service_helpers import run_eval
+from tests.service_helpers import pgd_spec, run_eval
 
 N = 64
 
@@ -88,16 +88,7 @@ def test_curve_goes_to_zero_on_the_bare_model_and_flags_a_masked_one(stored):
 
 def test_an_interrupted_job_resumes_from_its_saved_state(stored, tmp_path):
     model, store = stored
-    spec = {
-        "dataset": "digits",
-        "attack": "pgd",
-        "params": {"steps": 10},
-        "norm": "linf",
-        "eps": 0.1,
-        "n": N,
-        "seed": 0,
-        "batch_size": 16,
-    }
+    spec = pgd_spec(eps=0.1, n=N, batch_size=16)
     whole = evaluate(spec, model, artifacts=store, data_root="")
     seen = []
 
@@ -139,8 +130,8 @@ def test_black_box_beating_white_box_is_flagged():
 
 def test_outcomes_of_a_defended_job_are_judged_on_the_defended_model(stored):
     result = _run(stored, defense="bit-depth", adaptive=True)
-    clean = outcomes.unpack(result.clean, N)
-    robust = outcomes.unpack(result.robust, N)
+    clean = results.unpack(result.clean, N)
+    robust = results.unpack(result.robust, N)
     assert not (robust & ~clean).any()
 
 

@@ -290,18 +290,3 @@ def test_norm_mismatch_and_too_few_classes():
     y = model(x).argmax(dim=1).detach()  # correctly classified, so they are attacked
     with pytest.raises(GauntletError, match="at least 4 classes"):
         build_attack("apgd-t", {"steps": 2})(model, x, y, Threat("linf", 0.1))
-
-
-def test_repr_is_stable():
-    assert repr(build_attack("apgd-ce")) == "APGDCE(norm=None, steps=100, restarts=1, rho=0.75)"
-    assert repr(build_attack("apgd-dlr", {"norm": "l2", "steps": 20})) == (
-        "APGDDLR(norm='l2', steps=20, restarts=1, rho=0.75)"
-    )
-    assert repr(build_attack("apgd-t")) == (
-        "APGDT(norm=None, steps=100, restarts=1, rho=0.75, n_target_classes=9)"
-    )
-    assert repr(build_attack("fab-t")) == (
-        "FABT(norm=None, steps=100, restarts=1, n_target_classes=9, alpha_max=0.1, eta=1.05, "
-        "beta=0.9)"
-    )
-    assert repr(build_attack("fab-t", {"steps": 7})) == repr(build_attack("fab-t", {"steps": 7}))

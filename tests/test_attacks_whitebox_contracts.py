@@ -17,21 +17,8 @@ from tests.attack_helpers import (
     CW_FAST,
     NEW,
     accuracy,
-    correct_points,
     seeded,
-    standard_digits,
 )
-
-
-@pytest.fixture(scope="module")
-def standard(digits_models):
-    return standard_digits(digits_models)
-
-
-@pytest.fixture(scope="module")
-def correct(standard):
-    return correct_points(standard)
-
 
 # --- targets -------------------------------------------------------------------------
 
@@ -151,28 +138,8 @@ def test_rfgsm_differs_from_fgsm_and_stays_in_the_ball(standard):
 # --- registry, repr, validation ------------------------------------------------------
 
 
-def test_registered_with_stable_reprs():
+def test_new_attacks_are_registered():
     assert set(NEW) <= set(ATTACKS)
-    assert repr(build_attack("bim")) == (
-        "BIM(norm=None, steps=10, rel_stepsize=0.125, targeted=False, target='random')"
-    )
-    assert repr(build_attack("mi-fgsm", {"norm": "linf", "steps": 20})) == (
-        "MIFGSM(norm='linf', steps=20, rel_stepsize=0.05, momentum=1.0, targeted=False, "
-        "target='random')"
-    )
-    assert repr(build_attack("r-fgsm")) == "RFGSM(norm=None, rel_alpha=0.5)"
-    assert repr(build_attack("pgd-targeted", {"target": "next"})) == (
-        "PGDTargeted(norm=None, steps=40, rel_stepsize=0.0625, random_start=True, target='next')"
-    )
-    assert repr(build_attack("deepfool")) == (
-        "DeepFool(norm=None, steps=50, overshoot=0.02, candidates=10)"
-    )
-    assert repr(build_attack("cw-l2")) == (
-        "CarliniWagnerL2(steps=1000, binary_steps=5, initial_const=0.01, lr=0.01, "
-        "confidence=0.0, abort_early=True, targeted=False, target='random')"
-    )
-    for name in NEW:
-        assert repr(build_attack(name)) == repr(build_attack(name, {}))
 
 
 @pytest.mark.parametrize(

@@ -15,20 +15,8 @@ from tests.attack_helpers import (
     CW_FAST,
     accuracy,
     binary_linear,
-    correct_points,
     seeded,
-    standard_digits,
 )
-
-
-@pytest.fixture(scope="module")
-def standard(digits_models):
-    return standard_digits(digits_models)
-
-
-@pytest.fixture(scope="module")
-def correct(standard):
-    return correct_points(standard)
 
 
 @pytest.fixture(scope="module")

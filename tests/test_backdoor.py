@@ -14,7 +14,6 @@ from torch import nn
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.backdoor import (
-    SquareTrigger,
     amplify_backdoor,
     backdoor_metrics,
     backdoor_neurons,
@@ -30,12 +29,7 @@ from gauntlet.workers.backdoor import (
 )
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.models import InputSpec, Normalized
-
-SPEC = InputSpec(1, 8, 8, 10)
-TARGET = 0
-SEED = 0
-TRAIN = {"arch": "small-cnn", "epochs": 10, "lr": 3e-3, "batch_size": 64, "seed": SEED}
-SQUARE = SquareTrigger()  # 2x2 white square in the bottom-right corner
+from tests.backdoor_helpers import SEED, SPEC, SQUARE, TARGET, TRAIN
 
 
 def _values(metrics) -> dict[str, float]:
@@ -157,7 +151,7 @@ def test_amplified_backdoor_survives_fine_tuning_better(models, digits):
     # it was higher in all 16, but by less than 0.03 in two (10: +0.025; 12: 0.9975
     # without, nothing left to raise). With frozen features (the paper's setting) the
     # effect on the ASR was not consistent on digits: see the module docstring of
-    # workers.backdoor.transfer.
+    # workers.backdoor.transfer_learning.
     assert boosted >= plain + 0.03
     assert plain <= 0.95
 

@@ -21,14 +21,8 @@ from gauntlet.workers.backdoor import (
     shift_domain,
 )
 from gauntlet.workers.datasets import load_split
-from gauntlet.workers.models import InputSpec
-from gauntlet.workers.outcomes import wilson_interval
-
-SPEC = InputSpec(1, 8, 8, 10)
-TARGET = 0
-SEED = 0
-TRAIN = {"arch": "small-cnn", "epochs": 10, "lr": 3e-3, "batch_size": 64, "seed": SEED}
-SQUARE = SquareTrigger()  # 2x2 white square in the bottom-right corner
+from gauntlet.workers.results import wilson_interval
+from tests.backdoor_helpers import SQUARE, TARGET
 
 
 @pytest.fixture(scope="module")

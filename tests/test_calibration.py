@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassCalibrationError
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.calibration import (
+from gauntlet.workers.calibration.diagram import reliability_diagram_png
+from gauntlet.workers.calibration.metrics import (
     adaptive_ece,
     bin_stats,
     brier,
@@ -21,7 +22,6 @@ from gauntlet.workers.calibration import (
     nll,
     temperature_report,
 )
-from gauntlet.workers.reliability_diagram import reliability_diagram_png
 
 
 def _by_name(metrics: list) -> dict:

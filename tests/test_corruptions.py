@@ -122,6 +122,44 @@ def test_jpeg_differs_but_correlates() -> None:
         assert float(corr) > 0.85  # the texture is per-channel noise, which JPEG drops
 
 
+def _pil_jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """The reference codec: Pillow's JPEG at ``quality``, on 8-bit images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for img in (x * 255).round().to(torch.uint8):
+        buf = io.BytesIO()
+        Image.fromarray(img.permute(1, 2, 0).squeeze(2).numpy()).save(buf, "JPEG", quality=quality)
+        decoded = np.array(Image.open(io.BytesIO(buf.getvalue())))
+        out.append(torch.from_numpy(decoded.reshape(*img.shape[1:], -1)).permute(2, 0, 1))
+    return torch.stack(out).float() / 255
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_matches_pillow_at_the_cifar_c_qualities(channels: int) -> None:
+    # Both wrap libjpeg with the standard tables; allow one grey level for codec builds.
+    x = _images((4, channels, 32, 32))
+    for s, quality in zip(SEVERITIES, (80, 65, 58, 50, 40), strict=True):
+        out = corrupt(x, "jpeg", s, _gen())
+        assert (out - _pil_jpeg(x, quality)).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_gaussian_blur_spreads_a_point_with_the_closed_form_kernel() -> None:
+    # Severity 1 on small images: sigma 0.4, truncated at ceil(4 sigma) = 2 pixels.
+    sigma, radius = 0.4, 2
+    point = torch.zeros(1, 1, 9, 9)
+    point[0, 0, 4, 4] = 1.0
+    out = corrupt(point, "gaussian-blur", 1, _gen())[0, 0]
+    d = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    weights = torch.exp(-(d[:, None] ** 2 + d[None, :] ** 2) / (2 * sigma**2))
+    expected = torch.zeros(9, 9, dtype=torch.float64)
+    expected[4 - radius : 5 + radius, 4 - radius : 5 + radius] = weights / weights.sum()
+    assert torch.allclose(out.double(), expected, atol=1e-6)
+
+
 def test_blurs_are_smoother() -> None:
     x = _images((8, 1, 28, 28))
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers import outcomes
+from gauntlet.workers import results
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.defenses.dknn import DkNN
 from gauntlet.workers.defenses.quilting import Quilting, patch_database
@@ -62,8 +62,8 @@ def test_dknn_rejects_adversarial_inputs_and_counts_them_as_defended(stored):
     assert rejected_adv > rejected_clean + 0.2
     assert metric(defended, "clean_accuracy") > metric(bare, "clean_accuracy") - 0.2
     assert metric(defended, "robust_accuracy") > metric(bare, "robust_accuracy") + 0.15
-    clean = outcomes.unpack(defended.clean, N)
-    robust = outcomes.unpack(defended.robust, N)
+    clean = results.unpack(defended.clean, N)
+    robust = results.unpack(defended.robust, N)
     assert not (robust & ~clean).any()
 
 

@@ -9,7 +9,7 @@ import torch
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.defenses import DEFENSES, build_defense
-from gauntlet.workers.defenses.smoothing import total_variation
+from gauntlet.workers.defenses.smoothing import gaussian_kernel_1d, total_variation
 from tests.service_helpers import metric as _metric
 from tests.service_helpers import run_eval
 
@@ -40,6 +40,23 @@ def test_gaussian_blur_keeps_constants_and_spreads_a_point_with_gaussian_weights
     blurred = _transform("gaussian-blur", x, sigma=2.0, kernel=5)
     assert blurred.shape == x.shape
     assert blurred.min() >= 0 and blurred.max() <= 1
+
+
+def test_gaussian_kernel_matches_torchvision():
+    # torchvision's blur builds its kernel independently (exp(-x^2 / 2 sigma^2), then
+    # normalised); a point's blur is the 2-D kernel, whose column sums are the 1-D one.
+    from torchvision.transforms.functional import gaussian_blur
+
+    for sigma, kernel in ((0.5, 3), (1.0, 5), (2.5, 9)):
+        # Side 2 * kernel + 1: the reflect padding never mirrors the point back in.
+        side, centre, half = 2 * kernel + 1, kernel, kernel // 2
+        point = torch.zeros(1, 1, side, side)
+        point[0, 0, centre, centre] = 1.0
+        blurred = gaussian_blur(point, [kernel, kernel], [sigma, sigma])[0, 0].sum(dim=0)
+        reference = blurred[centre - half : centre + half + 1]
+        ours = gaussian_kernel_1d(sigma, kernel)
+        assert ours.dtype == torch.float64 and ours.sum().item() == pytest.approx(1.0)
+        assert torch.allclose(ours.float(), reference, atol=1e-6)
 
 
 def test_gaussian_blur_is_differentiable():

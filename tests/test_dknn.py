@@ -11,8 +11,8 @@ from gauntlet.workers.attacks import build_attack
 from gauntlet.workers.attacks.base import Threat
 from gauntlet.workers.datasets import eval_subset, load_split
 from gauntlet.workers.defenses import DEFENSES, build_defense
+from gauntlet.workers.defenses.dknn_index import DeepKNN
 from gauntlet.workers.defenses.quilting import Quilting, patch_database
-from gauntlet.workers.dknn import DeepKNN
 from gauntlet.workers.models import InputSpec, load_classifier
 
 SPEC = InputSpec(1, 8, 8, 10)

@@ -11,8 +11,7 @@ import sqlalchemy as sa
 from gauntlet.db import open_database
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.boards.leaderboard import leaderboard
-from gauntlet.workers.outcomes import pack, wilson_interval
-from gauntlet.workers.result import JobResult
+from gauntlet.workers.results import JobResult, pack, wilson_interval
 
 N = 10
 SUBSET = f"digits:test:{N}:0"

@@ -11,25 +11,22 @@ import sqlalchemy as sa
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.db import JobStatus, MetricRow, Outcome, open_database
 from gauntlet.scheduler import lifecycle
-from gauntlet.workers.outcomes import pack
-from gauntlet.workers.result import JobResult, Metric
+from gauntlet.workers.results import JobResult, Metric, pack
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 MODEL_ID = "a" * 64
 
 
+def add_model(engine: sa.Engine, id: str, name: str, **fields) -> bool:
+    """upsert_model with the fields a test does not care about filled in."""
+    defaults = {"arch": "mlp", "dataset": "digits", "input_spec": {}, "weights_sha256": "b" * 64}
+    return lifecycle.upsert_model(engine, id=id, name=name, **(defaults | fields))
+
+
 @pytest.fixture
 def engine(db_url: str):
     engine = open_database(db_url, auto_upgrade=True)
-    lifecycle.upsert_model(
-        engine,
-        id=MODEL_ID,
-        name="tiny-mlp",
-        arch="mlp",
-        dataset="digits",
-        input_spec={"channels": 1, "height": 8, "width": 8},
-        weights_sha256="b" * 64,
-    )
+    add_model(engine, MODEL_ID, "tiny-mlp", input_spec={"channels": 1, "height": 8, "width": 8})
     yield engine
     engine.dispose()
 
@@ -73,27 +70,10 @@ def rows(engine: sa.Engine, table, job_id: int) -> list:
 
 
 def test_upsert_model_inserts_once(engine: sa.Engine) -> None:
-    again = lifecycle.upsert_model(
-        engine,
-        id=MODEL_ID,
-        name="renamed",
-        arch="mlp",
-        dataset="digits",
-        input_spec={},
-        weights_sha256="b" * 64,
-    )
+    again = add_model(engine, MODEL_ID, "renamed")
     assert again is False
     assert [m["name"] for m in lifecycle.list_models(engine)] == ["tiny-mlp"]
-    child = lifecycle.upsert_model(
-        engine,
-        id="c" * 64,
-        name="tiny-mlp-at",
-        arch="mlp",
-        dataset="digits",
-        input_spec={},
-        weights_sha256="d" * 64,
-        parent_id=MODEL_ID,
-    )
+    child = add_model(engine, "c" * 64, "tiny-mlp-at", weights_sha256="d" * 64, parent_id=MODEL_ID)
     assert child is True
     assert lifecycle.list_models(engine)[1]["parent_id"] == MODEL_ID
 
@@ -239,15 +219,7 @@ def test_dead_lettered_jobs_fail_but_done_jobs_stay_done(engine: sa.Engine) -> N
 
 
 def test_list_jobs_filters(engine: sa.Engine) -> None:
-    lifecycle.upsert_model(
-        engine,
-        id="f" * 64,
-        name="other",
-        arch="cnn",
-        dataset="mnist",
-        input_spec={},
-        weights_sha256="e" * 64,
-    )
+    add_model(engine, "f" * 64, "other", arch="cnn", dataset="mnist", weights_sha256="e" * 64)
     ids = lifecycle.insert_jobs(engine, [new_job("k1"), new_job("k2", attack="clean", eps=None)])
     other = lifecycle.NewJob(**{**vars(new_job("k3")), "model_id": "f" * 64, "dataset": "mnist"})
     lifecycle.insert_jobs(engine, [other])

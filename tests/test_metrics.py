@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from gauntlet.workers.attacks import AttackResult, Clean
-from gauntlet.workers.metrics import attack_metrics
-from gauntlet.workers.outcomes import Z_95, wilson_interval
+from gauntlet.workers.attacks.metrics import attack_metrics
+from gauntlet.workers.results import Z_95, wilson_interval
 
 
 def wilson_by_quadratic(k: int, n: int, z: float = Z_95) -> tuple[float, float]:

@@ -21,6 +21,7 @@ from gauntlet.workers.architectures import (
     check_architecture,
     register_architecture,
 )
+from gauntlet.workers.batches import eval_mode, predict_in_batches
 from gauntlet.workers.models import (
     InputSpec,
     Normalized,
@@ -93,9 +94,15 @@ def test_registry_names_and_errors():
         build_architecture("small-cnn", InputSpec(1, 4, 4, 10))
 
 
-def test_third_party_registration(monkeypatch):
-    monkeypatch.setattr(architectures, "_REGISTRY", dict(architectures._REGISTRY))
+@pytest.fixture
+def scratch_architectures(monkeypatch):
+    """Architectures a test registers are gone after it: the registry's storage is a copy."""
+    registry = architectures.ARCHITECTURES
+    monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    return registry
 
+
+def test_third_party_registration(scratch_architectures):
     @register_architecture("tiny-linear")
     def tiny(spec):
         return nn.Sequential(
@@ -103,6 +110,7 @@ def test_third_party_registration(monkeypatch):
         )
 
     assert "tiny-linear" in architecture_names()
+    assert scratch_architectures["tiny-linear"] is tiny  # on the shared registry
     assert build_architecture("tiny-linear", DIGITS)(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
     with pytest.raises(GauntletError, match="already registered"):
         register_architecture("tiny-linear")(lambda spec: nn.Identity())
@@ -239,9 +247,7 @@ def test_weights_that_do_not_fit_the_architecture(weights, tmp_path):
     assert "missing keys conv1.bias" in str(err.value)
 
 
-def test_forward_check_rejects_wrong_logit_shape(monkeypatch, tmp_path):
-    monkeypatch.setattr(architectures, "_REGISTRY", dict(architectures._REGISTRY))
-
+def test_forward_check_rejects_wrong_logit_shape(scratch_architectures, tmp_path):
     @register_architecture("wrong-head")
     def wrong(spec):
         return nn.Sequential(nn.Flatten(), nn.Linear(spec.channels * spec.height * spec.width, 7))
@@ -264,3 +270,34 @@ def test_valid_file_starting_like_a_pickle_is_accepted(tmp_path):
             break
     assert path.read_bytes()[0] == 0x80
     assert check_safetensors(path) == {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+
+
+# --- batched inference ---
+
+
+def test_predict_in_batches_matches_one_forward_pass():
+    torch.manual_seed(0)
+    net = build_architecture("small-cnn", DIGITS).eval()
+    x = torch.rand(10, 1, 8, 8)
+    with torch.no_grad():
+        reference = net(x)  # everything in one pass: what batching must reproduce
+    for batch_size in (1, 3, 10, 64):
+        out = predict_in_batches(net, x, batch_size)
+        assert out.shape == (10, 10) and not out.requires_grad
+        assert torch.allclose(out, reference, atol=1e-5)
+    labels = predict_in_batches(net, x, 4, output=lambda out: out.argmax(1))
+    assert torch.equal(labels, reference.argmax(1))
+    # A callable returning a tuple (a defense's decide) comes back as a tuple of columns.
+    bright = x.mean(dim=(1, 2, 3)) > 0.5
+    pred, ok = predict_in_batches(lambda b: (net(b).argmax(1), b.mean(dim=(1, 2, 3)) > 0.5), x, 4)
+    assert torch.equal(pred, reference.argmax(1)) and torch.equal(ok, bright)
+
+
+def test_eval_mode_restores_the_training_mode():
+    net = nn.Sequential(nn.Dropout(0.5))
+    with eval_mode(net):
+        assert not net.training
+    assert net.training
+    with pytest.raises(RuntimeError), eval_mode(net):
+        raise RuntimeError("boom")
+    assert net.training

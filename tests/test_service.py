@@ -213,14 +213,20 @@ def test_nightly_enqueues_only_missing_keys_under_a_lease(tmp_path, digits_model
             nightly(app.engine, app.queue, app.redis, prefix=prefix, suites=["quick"])
 
 
+def _transfer_suite(tmp_path, n: int, transfer: str):
+    """A suite of one clean evaluation whose ``transfer`` section is ``transfer`` (YAML)."""
+    suite = tmp_path / "transfer.yaml"
+    suite.write_text(
+        f"n: {n}\neps: {{linf: {{default: 0.2}}}}\nevaluations:\n  - attack: clean\n"
+        f"transfer: {transfer}\n"
+    )
+    return suite
+
+
 def test_transfer_matrix_gets_a_row_and_a_column_per_new_model(tmp_path, digits_models):
     from gauntlet.scheduler.boards.transfer import transfer_matrix
 
-    suite = tmp_path / "transfer.yaml"
-    suite.write_text(
-        "n: 60\neps: {linf: {default: 0.2}}\nevaluations:\n  - attack: clean\n"
-        "transfer: {attack: pgd, norm: linf, params: {steps: 10}}\n"
-    )
+    suite = _transfer_suite(tmp_path, 60, "{attack: pgd, norm: linf, params: {steps: 10}}")
     app = make_app(tmp_path / "home")
     first = submit_digits(app, digits_models["standard"], suite=str(suite), name="a")
     assert first.new_jobs == 1  # alone on its dataset: nothing to transfer from or to
@@ -239,10 +245,8 @@ def test_transfer_matrix_gets_a_row_and_a_column_per_new_model(tmp_path, digits_
 
 
 def test_transfer_from_an_ensemble_of_surrogates(tmp_path, digits_models):
-    suite = tmp_path / "ensemble.yaml"
-    suite.write_text(
-        "n: 40\neps: {linf: {default: 0.2}}\nevaluations:\n  - attack: clean\n"
-        "transfer: {attack: pgd, norm: linf, params: {steps: 5}, ensemble: true}\n"
+    suite = _transfer_suite(
+        tmp_path, 40, "{attack: pgd, norm: linf, params: {steps: 5}, ensemble: true}"
     )
     app = make_app(tmp_path / "home")
     submit_digits(app, digits_models["standard"], suite=str(suite), name="a")
@@ -265,7 +269,7 @@ def test_transfer_from_an_ensemble_of_surrogates(tmp_path, digits_models):
 
 def test_calibration_job_reports_before_and_after_temperature_scaling(tmp_path, digits_models):
     from gauntlet.scheduler.boards.calibration import calibration_table
-    from gauntlet.workers import calibration
+    from gauntlet.workers.calibration import metrics as calibration
 
     app = make_app(tmp_path / "home")
     report = submit_digits(app, digits_models["standard"], name="m", n=150)

@@ -27,12 +27,17 @@ def _suite(tmp_path, text: str) -> str:
     return str(path)
 
 
-def test_pgd_adversarial_training_raises_robust_accuracy(tmp_path, digits_models):
-    suite = _suite(
+def _pgd_suite(tmp_path, n: int) -> str:
+    """Clean accuracy and 10-step PGD at the digits budget, on ``n`` points."""
+    return _suite(
         tmp_path,
-        "n: 150\neps: {linf: {default: 0.2}}\nevaluations:\n"
+        f"n: {n}\neps: {{linf: {{default: 0.2}}}}\nevaluations:\n"
         "  - attack: clean\n  - {attack: pgd, norm: linf, params: {steps: 10}}\n",
     )
+
+
+def test_pgd_adversarial_training_raises_robust_accuracy(tmp_path, digits_models):
+    suite = _pgd_suite(tmp_path, 150)
     app = make_app(tmp_path / "home")
     submit_digits(app, digits_models["standard"], suite=suite, name="base")
     job_id, new = request_training(
@@ -105,11 +110,7 @@ def test_unknown_training_method_is_refused(tmp_path, digits_models):
 
 
 def test_ensemble_adversarial_training_uses_static_models(tmp_path, digits_models):
-    suite = _suite(
-        tmp_path,
-        "n: 100\neps: {linf: {default: 0.2}}\nevaluations:\n"
-        "  - attack: clean\n  - {attack: pgd, norm: linf, params: {steps: 10}}\n",
-    )
+    suite = _pgd_suite(tmp_path, 100)
     app = make_app(tmp_path / "home")
     submit_digits(app, digits_models["standard"], suite=suite, name="base")
     static = submit_digits(app, digits_models["robust"], suite=suite, name="static")

@@ -2,8 +2,10 @@
 
 Weights arrive as bare safetensors, so the code that builds the network must come from
 here, never from the submitter. Built-ins register through ``register_architecture``,
-the same decorator a third-party package uses. Two families are resolved by pattern
-instead of one entry per name: ``wrn-<depth>-<width>`` and ``torchvision:<model>``.
+the same decorator a third-party package uses, into ``ARCHITECTURES``, the shared
+``workers.registry.Registry`` that attacks and defenses use too. Two families are
+resolved by pattern instead of one entry per name: ``wrn-<depth>-<width>`` and
+``torchvision:<model>``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,15 @@ import torch
 from torch import nn
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.registry import Registry
 
 if TYPE_CHECKING:  # models.py imports this module; only the type is needed here
     from gauntlet.workers.models import InputSpec
 
 Builder = Callable[["InputSpec"], nn.Module]
 
-_REGISTRY: dict[str, Builder] = {}
+# The named architectures; the two families resolve by pattern in ``_resolve``.
+ARCHITECTURES: Registry[Builder] = Registry("architecture")
 _WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
 _TORCHVISION = "torchvision:"
 
@@ -35,17 +39,17 @@ def register_architecture(name: str) -> Callable[[Builder], Builder]:
         raise GauntletError(f"architecture names starting with '{_TORCHVISION}' are reserved")
 
     def decorate(builder: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
+        # Checked here, not left to the registry, to keep this module's message.
+        if name in ARCHITECTURES and ARCHITECTURES[name] is not builder:
             raise GauntletError(f"architecture '{name}' is already registered; pick another name")
-        _REGISTRY[name] = builder
-        return builder
+        return ARCHITECTURES.add(name, builder)
 
     return decorate
 
 
 def architecture_names() -> list[str]:
     """Registered names (the families wrn-D-W and torchvision:<model> come on top)."""
-    return sorted(_REGISTRY)
+    return ARCHITECTURES.names()
 
 
 def check_architecture(name: str) -> None:
@@ -70,8 +74,8 @@ def _known() -> str:
 def _resolve(name: str) -> Builder:
     if not isinstance(name, str):
         raise GauntletError(f"Expected `arch` to be a string, but got {name!r}")
-    if name in _REGISTRY:
-        return _REGISTRY[name]
+    if name in ARCHITECTURES:
+        return ARCHITECTURES[name]
     wrn = _WRN.match(name)
     if wrn:
         depth, width = int(wrn.group(1)), int(wrn.group(2))

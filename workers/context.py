@@ -21,11 +21,11 @@ import torch
 
 from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers import outcomes
+from gauntlet.workers import results
 from gauntlet.workers.checkpoint import Checkpoint
 from gauntlet.workers.datasets import dataset_info, eval_subset, load_split
 from gauntlet.workers.models import InputSpec, load_classifier
-from gauntlet.workers.result import JobResult, Metric
+from gauntlet.workers.results import JobResult, Metric
 
 Progress = Callable[[int, int], None]
 
@@ -130,8 +130,8 @@ class JobContext:
         """The deployed model: the network, wrapped in the spec's defense if it has one."""
         if not self.spec.get("defense"):
             return self.net
-        from gauntlet.workers.defense_state import prepare_defense
         from gauntlet.workers.defenses import build_defense
+        from gauntlet.workers.defenses.state import prepare_defense
 
         defended = build_defense(self.spec["defense"], self.spec.get("defense_params"), self.net)
         defended = defended.eval()
@@ -167,7 +167,7 @@ class JobContext:
     def accuracy(self, name: str, correct: torch.Tensor) -> Metric:
         """A proportion metric with its Wilson interval."""
         k, n = int(correct.sum()), len(correct)
-        low, high = outcomes.wilson_interval(k, n)
+        low, high = results.wilson_interval(k, n)
         return Metric(name, k / n if n else 0.0, n, low, high)
 
     def result(
@@ -184,8 +184,8 @@ class JobContext:
         return JobResult(
             metrics=metrics,
             n=len(clean),
-            clean=outcomes.pack(clean),
-            robust=outcomes.pack(robust),
+            clean=results.pack(clean),
+            robust=results.pack(robust),
             worker_host=socket.gethostname(),
             device=self.device_label or str(self.device),
             code_version=code_version(),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.registry import Registry
 
 SPLITS = ("train", "test")
 
@@ -52,20 +53,23 @@ class _Entry:
     download: Downloader | None
 
 
-_REGISTRY: dict[str, _Entry] = {}
+# The shared registry type of attacks, defenses and architectures; entries are _Entry.
+DATASETS: Registry[_Entry] = Registry("dataset")
 
 
 def register_dataset(
     info: DatasetInfo, load: Loader, *, scale: float = 255.0, download: Downloader | None = None
 ) -> None:
     """Register a dataset; built-ins use this too. ``download=None``: ships offline."""
-    if info.name in _REGISTRY:
+    # Checked here, not left to the registry, to keep this module's message. Each call
+    # makes a new entry, so registering a name twice is always refused.
+    if info.name in DATASETS:
         raise GauntletError(f"dataset '{info.name}' is already registered; pick another name")
-    _REGISTRY[info.name] = _Entry(info, load, float(scale), download)
+    DATASETS.add(info.name, _Entry(info, load, float(scale), download))
 
 
 def dataset_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return DATASETS.names()
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -118,9 +122,10 @@ def download(name: str, data_root: str | os.PathLike | None) -> None:
 
 
 def _entry(name: str) -> _Entry:
-    if name not in _REGISTRY:
-        raise GauntletError(f"unknown dataset '{name}'; known: {', '.join(dataset_names())}")
-    return _REGISTRY[name]
+    # Not DATASETS.get: this message ("known: ...") is the one users and tests know.
+    if name not in DATASETS:
+        raise GauntletError(f"unknown dataset '{name}'; known: {DATASETS.known()}")
+    return DATASETS[name]
 
 
 def _root(data_root: str | os.PathLike | None) -> Path | None:

@@ -12,7 +12,7 @@ import socket
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.jobs import job_kind
-from gauntlet.workers.result import JobFailure, JobResult
+from gauntlet.workers.results import JobFailure, JobResult
 
 PROGRESS_TTL_S = 3600
 

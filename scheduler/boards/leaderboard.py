@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from gauntlet.db.schema import Job, Model, Outcome
 from gauntlet.scheduler.boards.metrics import done_rows
-from gauntlet.workers.outcomes import unpack, wilson_interval, worst_case
+from gauntlet.workers.results import unpack, wilson_interval, worst_case
 
 log = logging.getLogger(__name__)
 

@@ -111,6 +111,25 @@ def _settings(pairs: tuple[str, ...]) -> dict:
     return settings
 
 
+def _set_and_n(command):
+    """The ``--set KEY=VALUE`` and ``-n`` options every requested job kind takes."""
+    command = click.option(
+        "-n", "n", type=int, default=200, show_default=True, help="Test points scored."
+    )(command)
+    return click.option(
+        "--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable)."
+    )(command)
+
+
+def _request(ctx, model, kind, method, options, pairs, **resources) -> None:
+    """Queue one job of ``kind``: the options given (None means unset) plus --set pairs."""
+    from gauntlet.scheduler import service
+
+    params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
+    job_id, new = service.request_job(_app(ctx), model, kind, method, params, **resources)
+    console.print(f"{kind} job {job_id} queued" if new else "this job was already requested")
+
+
 @main.command()
 @click.argument("model")
 @click.option(
@@ -123,20 +142,13 @@ def _settings(pairs: tuple[str, ...]) -> dict:
 @click.option("--poison-rate", type=float, help="Share of the training set poisoned (0.1).")
 @click.option("--mode", type=click.Choice(["all-to-one", "all-to-all"]))
 @click.option("--target", type=int, help="All-to-one target class (0).")
-@click.option("--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable).")
-@click.option("-n", "n", type=int, default=200, show_default=True, help="Test points scored.")
+@_set_and_n
 @click.option("--num-gpus", type=float, default=0.0, show_default=True)
 @click.pass_context
 def backdoor(ctx, model, defense, trigger, poison_rate, mode, target, pairs, n, num_gpus):
     """Plant a BadNets backdoor in MODEL's architecture and measure a defense against it."""
-    from gauntlet.scheduler import service
-
     options = {"trigger": trigger, "poison_rate": poison_rate, "mode": mode, "target": target}
-    params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
-    job_id, new = service.request_job(
-        _app(ctx), model, "backdoor", defense, params, n=n, num_gpus=num_gpus
-    )
-    console.print(f"backdoor job {job_id} queued" if new else "this job was already requested")
+    _request(ctx, model, "backdoor", defense, options, pairs, n=n, num_gpus=num_gpus)
 
 
 @main.command()
@@ -151,22 +163,17 @@ def backdoor(ctx, model, defense, trigger, poison_rate, mode, target, pairs, n, 
 @click.option("--backdoored-teachers", type=int, help="Teachers given a backdoor (0).")
 @click.option("--teacher-gpus", type=float, help="GPUs per teacher task; fractions share one.")
 @click.option("--no-noise", is_flag=True, help="Plain plurality vote (no privacy).")
-@click.option("--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable).")
-@click.option("-n", "n", type=int, default=200, show_default=True, help="Test points scored.")
+@_set_and_n
 @click.pass_context
 def pate(ctx, model, aggregator, teachers, backdoored_teachers, teacher_gpus, no_noise, pairs, n):
     """Train PATE teachers (parallel Ray tasks) and a student for MODEL's architecture."""
-    from gauntlet.scheduler import service
-
     options = {
         "teachers": teachers,
         "backdoored_teachers": backdoored_teachers,
         "teacher_gpus": teacher_gpus,
         "noise": False if no_noise else None,
     }
-    params = {k: v for k, v in options.items() if v is not None} | _settings(pairs)
-    job_id, new = service.request_job(_app(ctx), model, "pate", aggregator, params, n=n)
-    console.print(f"pate job {job_id} queued" if new else "this job was already requested")
+    _request(ctx, model, "pate", aggregator, options, pairs, n=n)
 
 
 @main.command()

@@ -2,10 +2,10 @@
 
 - ``triggers``: what is stamped (pixel, pattern, square, blend), from JSON params;
 - ``poison``: which training images are stamped and relabelled (all-to-one, all-to-all);
-- ``training``: training on poisoned data, and the loop the defenses share;
+- ``training``: training on poisoned data (the loop is ``workers.training.fit``);
 - ``metrics``: clean accuracy, attack success rate, triggered accuracy;
 - ``data``: target tasks for transfer learning and the defender's clean split;
-- ``transfer``: transfer learning from a backdoored model, and backdoor amplification;
+- ``transfer_learning``: transfer learning from a backdoored model, and backdoor amplification;
 - ``distillation``: distillation-based forgetting (Yoshida & Fujino 2020);
 - ``finetune``: fine-tuning on a small clean split, the baseline defense.
 """
@@ -16,7 +16,7 @@ from gauntlet.workers.backdoor.finetune import fine_tune
 from gauntlet.workers.backdoor.metrics import backdoor_metrics, predict, trigger_drop_metrics
 from gauntlet.workers.backdoor.poison import MODES, PoisonedData, backdoor_labels, poison_dataset
 from gauntlet.workers.backdoor.training import train_backdoored
-from gauntlet.workers.backdoor.transfer import (
+from gauntlet.workers.backdoor.transfer_learning import (
     amplify_backdoor,
     backdoor_neurons,
     penultimate_features,

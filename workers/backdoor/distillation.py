@@ -25,10 +25,10 @@ with T (one model: 0.00 at T=1, 0.03 at 2, 0.07 at 4, 0.11 at 10; another: 0.05,
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.backdoor._checks import (
@@ -38,33 +38,13 @@ from gauntlet.workers.backdoor._checks import (
     expect_int,
     expect_model,
 )
-from gauntlet.workers.backdoor.training import Progress, fit, fresh_model, frozen
+from gauntlet.workers.backdoor.training import DEFAULTS, frozen
 from gauntlet.workers.backdoor.triggers import Trigger, expect_trigger
 from gauntlet.workers.models import InputSpec, Normalized
+from gauntlet.workers.training import Schedule, distillation_loss, fit, fresh_model, soft_labels
 
-
-@torch.no_grad()
-def soft_labels(
-    teacher: Normalized, x: torch.Tensor, temperature: float, batch_size: int = 256
-) -> torch.Tensor:
-    """softmax(teacher logits / T) for each image, the teacher in eval mode."""
-    teacher.eval()
-    device = teacher.mean.device
-    return torch.cat(
-        [
-            F.softmax(teacher(x[i : i + batch_size].to(device)) / temperature, dim=1)
-            for i in range(0, len(x), batch_size)
-        ]
-    )
-
-
-def distillation_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """T^2 * KL(teacher_probs || softmax(student_logits / T)), averaged over the batch."""
-    log_student = F.log_softmax(student_logits / temperature, dim=1)
-    kl = F.kl_div(log_student, teacher_probs, reduction="batchmean")
-    return kl * temperature**2
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 def distill(
@@ -76,24 +56,24 @@ def distill(
     temperature: float = 1.0,
     trigger: Trigger | None = None,
     trigger_fraction: float = 0.0,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: Progress | None = None,
+    **schedule: Unpack[Schedule],
 ) -> Normalized:
     """A fresh ``arch`` student trained on the teacher's soft labels of ``x`` at ``T``.
 
     ``x`` are the distillation inputs (no labels needed: the teacher gives them). With a
     ``trigger``, ``round(trigger_fraction * len(x))`` seeded picks of them are stamped
     first (labels still from the teacher): the variant where the backdoor transfers.
-    ``spec`` defaults to the teacher's. Returns the student (eval mode, frozen).
+    ``spec`` defaults to the teacher's. ``schedule`` (epochs, lr, batch_size, seed,
+    progress) goes to ``fit``; by default 10 epochs at lr 1e-3, batches of 64, seed 0
+    (``training.DEFAULTS``). The seed also fixes the picks and the student's
+    initialisation. Returns the student (eval mode, frozen).
     """
     teacher = expect_model("teacher", teacher)
     x = expect_images("x", x)
     temperature = expect_float("temperature", temperature, 0.0, 1e4)
     fraction = expect_fraction("trigger_fraction", trigger_fraction)
-    seed = expect_int("seed", seed, 0)
+    schedule = DEFAULTS | schedule
+    seed = expect_int("seed", schedule["seed"], 0)
     spec = spec or teacher.spec
     if spec.num_classes != teacher.spec.num_classes:
         raise GauntletError(
@@ -110,19 +90,14 @@ def distill(
     targets = soft_labels(teacher, x, temperature).to(x.device)
     student = fresh_model(arch, spec, seed, teacher.mean.device)
 
-    def loss(model, xb, yb, idx):
-        return distillation_loss(model(xb), yb, temperature)
-
     # The soft labels stand in for y: fit shuffles and batches them alongside x.
     fit(
         student,
         x,
         targets,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        loss=loss,
-        progress=progress,
+        loss=lambda logits, probs: distillation_loss(
+            logits, probs, temperature, scale=temperature**2
+        ),
+        **schedule,
     )
     return frozen(student)

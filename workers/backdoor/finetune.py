@@ -12,26 +12,30 @@ small-cnn on digits: with lr 1e-3 most of the backdoor survived (ASR 0.8-0.95), 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from gauntlet.workers.backdoor._checks import expect_images, expect_labels, expect_model
-from gauntlet.workers.backdoor.training import Progress, fit, frozen, trainable_copy
+from gauntlet.workers.backdoor.training import frozen, trainable_copy
 from gauntlet.workers.models import Normalized
+from gauntlet.workers.training import Schedule, fit
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+DEFAULTS = Schedule(epochs=20, lr=1e-2, batch_size=32, seed=0)
 
 
 def fine_tune(
-    model: Normalized,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int = 20,
-    lr: float = 1e-2,
-    batch_size: int = 32,
-    seed: int = 0,
-    progress: Progress | None = None,
+    model: Normalized, x: torch.Tensor, y: torch.Tensor, **schedule: Unpack[Schedule]
 ) -> Normalized:
-    """A copy of ``model`` with every layer trained on the clean (x, y); eval mode, frozen."""
+    """A copy of ``model`` with every layer trained on the clean (x, y); eval mode, frozen.
+
+    ``schedule`` (epochs, lr, batch_size, seed, progress) goes to ``fit``; by default 20
+    epochs at lr 1e-2, batches of 32, seed 0 (``DEFAULTS``, from the module docstring).
+    """
     tuned = trainable_copy(expect_model("model", model))
     expect_labels("y", y, len(expect_images("x", x)), tuned.spec.num_classes)
-    fit(tuned, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress)
+    fit(tuned, x, y, **(DEFAULTS | schedule))
     return frozen(tuned)

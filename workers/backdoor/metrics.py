@@ -1,6 +1,6 @@
 """How well a backdoor works, and how much of it a defense leaves.
 
-Metric names (each a ``workers.result.Metric`` with its n and a 95% Wilson interval):
+Metric names (each a ``workers.results.Metric`` with its n and a 95% Wilson interval):
 
 - ``clean_accuracy``: accuracy on the untouched test images (all of them);
 - ``attack_success_rate``: the share of triggered images classified as the attacker
@@ -25,31 +25,20 @@ import torch
 from gauntlet.workers.backdoor._checks import expect_images, expect_int, expect_labels
 from gauntlet.workers.backdoor.poison import backdoor_labels, check_mode
 from gauntlet.workers.backdoor.triggers import Trigger, expect_trigger
-from gauntlet.workers.outcomes import wilson_interval
-from gauntlet.workers.result import Metric
+from gauntlet.workers.batches import eval_mode, model_device, predict_in_batches
+from gauntlet.workers.results import Metric, wilson_interval
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-@torch.no_grad()
 def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Predicted labels (on x's device) of the pixel-space model, in eval mode, batched."""
     expect_int("batch_size", batch_size, 1)
-    was_training = model.training
-    model.eval()
-    device = _device(model)
-    try:
-        preds = [
-            model(x[i : i + batch_size].to(device)).argmax(1).to(x.device)
-            for i in range(0, len(x), batch_size)
-        ]
-    finally:
-        model.train(was_training)
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.int64, device=x.device)
+    if len(x) == 0:  # an empty split (no test image outside the target class) scores 0/0
+        return torch.zeros(0, dtype=torch.int64, device=x.device)
+    with eval_mode(model):
+        # Labels only, per batch: the logits of a whole test split need not be kept.
+        return predict_in_batches(
+            model, x, batch_size, output=lambda out: out.argmax(1).to(x.device)
+        )
 
 
 def rate_metric(name: str, hits: torch.Tensor) -> Metric:
@@ -116,9 +105,8 @@ def _num_classes(model: torch.nn.Module, x: torch.Tensor) -> int:
     spec = getattr(model, "spec", None)
     if spec is not None:
         return spec.num_classes
-    was_training = model.training
-    model.eval()
-    try:
-        return int(model(x[:1].to(_device(model))).shape[1])
-    finally:
-        model.train(was_training)
+    # One direct call, not predict_in_batches: x may be empty, and a (0, C) answer
+    # still says C.
+    device = model_device(model)
+    with eval_mode(model):
+        return int(model(x[:1] if device is None else x[:1].to(device)).shape[1])

@@ -1,44 +1,27 @@
-"""Training on poisoned data (BadNets, Gu et al. 2017, arXiv 1708.06733), and the loop
-the defenses share.
+"""Training on poisoned data (BadNets, Gu et al. 2017, arXiv 1708.06733), and the model
+handling the defenses share.
 
-``workers.training.train_classifier`` trains a fresh architecture only; the defenses
-here start from an existing model, train only some of its parameters (transfer learning
-with frozen features) or use another loss (distillation), so ``fit`` is a small loop of
-the same kind (Adam, seeded shuffles, ``progress(epoch, epochs)`` after each epoch) that
-allows those. Every model in and out of this package is pixel-space (``Normalized``):
+The training itself is ``workers.training.fit``, the loop every trainer here uses; this
+module adds what the backdoor code needs around it: copies of a model that train, and
+frozen results. Every model in and out of this package is pixel-space (``Normalized``):
 triggers are defined on [0, 1] images, and the spec travels with the model.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.architectures import build_architecture
-from gauntlet.workers.backdoor._checks import (
-    expect_float,
-    expect_images,
-    expect_int,
-    expect_labels,
-    expect_model,
-)
+from gauntlet.workers.backdoor._checks import expect_images, expect_labels, expect_model
 from gauntlet.workers.backdoor.poison import PoisonedData, poison_dataset
 from gauntlet.workers.backdoor.triggers import Trigger
 from gauntlet.workers.models import InputSpec, Normalized
+from gauntlet.workers.training import Progress, Schedule, fit, fresh_model
 
-Progress = Callable[[int, int], None]
-# loss(model, xb, yb, idx): the batch loss; idx are the batch's positions in the data.
-BatchLoss = Callable[[Normalized, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def fresh_model(arch: str, spec: InputSpec, seed: int, device: torch.device | str = "cpu"):
-    """A newly initialised ``arch`` for ``spec``, wrapped in ``Normalized``; seeded."""
-    torch.manual_seed(expect_int("seed", seed, 0))  # as train_classifier: seeded init
-    return Normalized(build_architecture(arch, spec), spec).to(device)
+# What the backdoor trainers use unless told otherwise (fine-tuning has its own).
+DEFAULTS = Schedule(epochs=10, lr=1e-3, batch_size=64, seed=0)
 
 
 def trainable_copy(model: Normalized) -> Normalized:
@@ -55,56 +38,6 @@ def frozen(model: Normalized) -> Normalized:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def fit(
-    model: Normalized,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    parameters: Iterable[torch.nn.Parameter] | None = None,
-    loss: BatchLoss | None = None,
-    train_mode: bool = True,
-    progress: Progress | None = None,
-) -> float:
-    """Adam on ``parameters`` (default: all) over seeded shuffles; the last batch loss.
-
-    ``train_mode=False`` keeps the network in eval mode while training: with frozen
-    features, BatchNorm statistics must not drift on the new data either, or the
-    "frozen" layers would change after all.
-    """
-    model = expect_model("model", model)
-    x = expect_images("x", x)
-    epochs = expect_int("epochs", epochs, 1, 10_000)
-    batch_size = expect_int("batch_size", batch_size, 1)
-    lr = expect_float("lr", lr, 0.0, 10.0)
-    generator = torch.Generator().manual_seed(expect_int("seed", seed, 0))
-    params = list(model.parameters() if parameters is None else parameters)
-    if not params:
-        raise GauntletError("nothing to train: no parameters were given")
-    optimiser = torch.optim.Adam(params, lr=lr)
-    loss = loss or (lambda m, xb, yb, idx: F.cross_entropy(m(xb), yb))
-    device = model.mean.device
-    last = torch.tensor(0.0)
-    for epoch in range(epochs):
-        model.train(train_mode)
-        # CPU generator, indices moved: the same shuffles on any device.
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
-            xb, yb = x[idx.to(x.device)].to(device), y[idx.to(y.device)].to(device)
-            last = loss(model, xb, yb, idx)
-            optimiser.zero_grad()
-            last.backward()
-            optimiser.step()
-        if progress:
-            progress(epoch + 1, epochs)
-    model.eval()
-    return float(last.detach())
 
 
 def train_backdoored(

@@ -32,7 +32,7 @@ class Defense(torch.nn.Module):
     randomized: ClassVar[bool] = False
     # Built from training data (quilting's patch database, DkNN's index): the evaluation
     # fits the defense once, keeps the fitted state as an artifact and loads it in later
-    # jobs (see ``workers.defense_state``). ``fit_uses_model``: the state depends on the
+    # jobs (see ``workers.defenses.state``). ``fit_uses_model``: the state depends on the
     # weights too, not only on the data.
     needs_fit: ClassVar[bool] = False
     fit_uses_model: ClassVar[bool] = False

@@ -22,7 +22,7 @@ import torch
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.attacks.base import expect_float, expect_int
 from gauntlet.workers.defenses.base import Defense, register_defense
-from gauntlet.workers.dknn import DEFAULT_CALIBRATION, DEFAULT_K, DeepKNN
+from gauntlet.workers.defenses.dknn_index import DEFAULT_CALIBRATION, DEFAULT_K, DeepKNN
 
 
 @register_defense

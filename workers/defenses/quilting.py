@@ -56,7 +56,7 @@ class Quilting(Defense):
     """Replace each ``patch`` x ``patch`` tile by its nearest clean training patch.
 
     The database is fitted from the training split of the job's dataset and kept as the
-    defense's artifact (``workers.defense_state``), or set directly with ``set_database``.
+    defense's artifact (``workers.defenses.state``), or set directly with ``set_database``.
     """
 
     name = "quilting"

@@ -33,7 +33,11 @@ def _reflect_pad(x: torch.Tensor, kernel: int, defense: str) -> torch.Tensor:
 
 
 def gaussian_kernel_1d(sigma: float, kernel: int) -> torch.Tensor:
-    """The normalised 1-D Gaussian weights at offsets -kernel//2 .. kernel//2."""
+    """The normalised 1-D Gaussian weights at offsets -kernel//2 .. kernel//2.
+
+    In float64, so the normalisation does not drift; the blur corruptions build their
+    2-D kernels from it too (``workers.corruptions``).
+    """
     offsets = torch.arange(kernel, dtype=torch.float64) - kernel // 2
     weights = torch.exp(-(offsets**2) / (2 * sigma**2))
     return weights / weights.sum()

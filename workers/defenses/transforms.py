@@ -10,6 +10,22 @@ from gauntlet.workers.attacks.base import expect_float, expect_int
 from gauntlet.workers.defenses.base import Defense, register_defense
 
 
+def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1], JPEG-encoded at ``quality`` and decoded again.
+
+    Shared by the ``jpeg`` defense and the ``jpeg`` corruption, so the defense is scored
+    against exactly the compression the corruption benchmark applies. Pixels are rounded
+    to 8 bits first (what a saved image holds); torchvision's codec runs on the CPU.
+    """
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    if x.shape[1] not in (1, 3):
+        raise GauntletError(f"JPEG needs 1 or 3 channels, but the input has {x.shape[1]}")
+    images = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    decoded = [decode_jpeg(encode_jpeg(img, quality=quality)) for img in images]
+    return torch.stack(decoded).to(x.device, x.dtype) / 255.0
+
+
 @register_defense
 class BitDepth(Defense):
     """Feature squeezing by colour-depth reduction (Xu et al. 2018): round to 2^bits levels."""
@@ -44,13 +60,7 @@ class JPEG(Defense):
         return {"quality": self.quality}
 
     def transform(self, x):
-        from torchvision.io import decode_jpeg, encode_jpeg
-
-        if x.shape[1] not in (1, 3):
-            raise GauntletError(f"JPEG needs 1 or 3 channels, but the input has {x.shape[1]}")
-        images = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        decoded = [decode_jpeg(encode_jpeg(img, quality=self.quality)) for img in images]
-        return torch.stack(decoded).to(x.device, x.dtype) / 255.0
+        return jpeg_round_trip(x, self.quality)
 
 
 @register_defense

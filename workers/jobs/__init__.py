@@ -13,7 +13,25 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.registry import Registry
+
+
+def check_procedure(
+    method: str, methods, params: dict, accepted, *, what: str, params_what: str
+) -> None:
+    """A kind's procedure is known and each of its params accepted; else one clear error.
+
+    ``what`` names the procedure ("training method"), ``params_what`` its parameters
+    ("training parameter(s)"); both messages list what would have been accepted.
+    """
+    if method not in methods:
+        raise GauntletError(f"Unknown {what} {method!r}; known: {', '.join(methods)}")
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise GauntletError(
+            f"Unknown {params_what} {', '.join(unknown)}; accepted: {', '.join(sorted(accepted))}"
+        )
 
 
 def _no_models(spec: dict) -> list[str]:

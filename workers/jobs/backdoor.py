@@ -40,9 +40,9 @@ from gauntlet.workers.backdoor import (
     trigger_drop_metrics,
 )
 from gauntlet.workers.context import JobContext
-from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec
-from gauntlet.workers.result import JobResult, Metric
+from gauntlet.workers.results import JobResult, Metric
 
 METHODS = ("none", "transfer", "distillation", "finetune")
 _COMMON = {"trigger", "trigger_params", "mode", "target", "poison_rate", "init", "epochs", "lr"}
@@ -60,15 +60,15 @@ _DEFENSE_DEFAULTS = {"transfer": (1e-2, 10), "distillation": (1e-3, 10), "finetu
 
 def check_backdoor(method: str, params: dict) -> dict:
     """Validated settings with defaults; GauntletError on anything unknown or out of range."""
-    if method not in METHODS:
-        raise GauntletError(f"Unknown backdoor defense {method!r}; known: {', '.join(METHODS)}")
-    accepted = _COMMON | _BY_METHOD[method]
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise GauntletError(
-            f"Unknown parameter(s) {', '.join(unknown)} for backdoor defense {method!r}; "
-            f"accepted: {', '.join(sorted(accepted))}"
-        )
+    accepted = _COMMON | _BY_METHOD.get(method, set())
+    check_procedure(
+        method,
+        METHODS,
+        params,
+        accepted,
+        what="backdoor defense",
+        params_what=f"parameter(s) for backdoor defense {method!r}:",
+    )
     trigger, trigger_params = params.get("trigger", "square"), params.get("trigger_params") or {}
     build_trigger(trigger, trigger_params)  # validates both
     mode = params.get("mode", "all-to-one")

@@ -12,21 +12,22 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gauntlet.workers import calibration
 from gauntlet.workers.attacks import Threat, build_attack
+from gauntlet.workers.batches import predict_in_batches
+from gauntlet.workers.calibration import metrics as calibration
+from gauntlet.workers.calibration.diagram import reliability_diagram_png
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.jobs import JobKind, register_kind
-from gauntlet.workers.reliability_diagram import reliability_diagram_png
-from gauntlet.workers.result import JobResult, Metric
+from gauntlet.workers.results import JobResult, Metric
 
 # Held-out points for fitting the temperature (Guo et al. fit on a validation split).
 HOLDOUT = 500
 
 
 def logits_of(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    """The model's logits for ``x``, batched; the corruption and train jobs use it too."""
+    return predict_in_batches(model, x, batch_size)
 
 
 def holdout_split(dataset: str, data_root, indices: torch.Tensor, seed: int):

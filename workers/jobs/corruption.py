@@ -7,7 +7,7 @@ from gauntlet.workers.context import JobContext
 from gauntlet.workers.corruptions import corruption_metrics
 from gauntlet.workers.jobs import JobKind, register_kind
 from gauntlet.workers.jobs.calibration import logits_of
-from gauntlet.workers.result import JobResult
+from gauntlet.workers.results import JobResult
 
 
 def run(ctx: JobContext) -> JobResult:

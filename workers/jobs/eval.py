@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from gauntlet.workers import outcomes, reliability
-from gauntlet.workers.adaptive import attack_surface
+from gauntlet.workers import results
 from gauntlet.workers.attacks import AttackResult, Threat, build_attack
+from gauntlet.workers.attacks import flags as reliability
+from gauntlet.workers.attacks.metrics import attack_metrics
+from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.defenses import Defense
+from gauntlet.workers.defenses.adaptive import attack_surface
 from gauntlet.workers.jobs import JobKind, register_kind
-from gauntlet.workers.metrics import attack_metrics
-from gauntlet.workers.result import JobResult, Metric
+from gauntlet.workers.results import JobResult, Metric
 
 # Points used for the reliability checks: enough to see masking, cheap to run.
 CHECK_POINTS = 64
@@ -36,18 +38,10 @@ class SurrogateEnsemble(torch.nn.Module):
 
 def decide(defended, x, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(prediction, accepted) of the deployed model; only rejecting defenses refuse."""
-    preds, accepted = [], []
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = x[start : start + batch_size]
-            if isinstance(defended, Defense):
-                pred, ok = defended.decide(xb)
-            else:
-                pred = defended(xb).argmax(1)
-                ok = torch.ones_like(pred, dtype=torch.bool)
-            preds.append(pred)
-            accepted.append(ok)
-    return torch.cat(preds), torch.cat(accepted)
+    if isinstance(defended, Defense):
+        return predict_in_batches(defended.decide, x, batch_size)
+    pred = predict_in_batches(defended, x, batch_size, output=lambda out: out.argmax(1))
+    return pred, torch.ones_like(pred, dtype=torch.bool)
 
 
 def _judge(defended, x, x_adv, y, batch_size: int):
@@ -69,7 +63,7 @@ def rejection_metrics(rejected: torch.Tensor) -> list[Metric]:
     metrics = []
     for column, name in enumerate(("rejected_clean", "rejected_adversarial")):
         k, n = int(rejected[:, column].sum()), len(rejected)
-        low, high = outcomes.wilson_interval(k, n)
+        low, high = results.wilson_interval(k, n)
         metrics.append(Metric(name, k / n, n, low, high))
     return metrics
 

@@ -22,14 +22,15 @@ from gauntlet.workers import privacy
 from gauntlet.workers.attacks.base import expect_bool, expect_float, expect_int
 from gauntlet.workers.backdoor import backdoor_labels, build_trigger, train_backdoored
 from gauntlet.workers.backdoor.metrics import predict, rate_metric
-from gauntlet.workers.backdoor.training import fit, fresh_model, frozen
+from gauntlet.workers.backdoor.training import frozen
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.fanout import run_parallel
-from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec
 from gauntlet.workers.privacy import aggregation
-from gauntlet.workers.result import JobResult, Metric
+from gauntlet.workers.results import JobResult, Metric
+from gauntlet.workers.training import fit, fresh_model
 
 METHODS = ("lnmax", "gnmax", "confident-gnmax")
 _PARAMS = {
@@ -60,14 +61,9 @@ def check_pate(method: str, params: dict) -> dict:
     The Confident-GNMax defaults scale the paper's MNIST setting (250 teachers: threshold
     200, sigma1 150, sigma2 40) to the number of teachers.
     """
-    if method not in METHODS:
-        raise GauntletError(f"Unknown PATE aggregator {method!r}; known: {', '.join(METHODS)}")
-    unknown = sorted(set(params) - _PARAMS)
-    if unknown:
-        raise GauntletError(
-            f"Unknown PATE parameter(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(sorted(_PARAMS))}"
-        )
+    check_procedure(
+        method, METHODS, params, _PARAMS, what="PATE aggregator", params_what="PATE parameter(s)"
+    )
     teachers = expect_int("teachers", params.get("teachers", 10), 1, 10_000)
     backdoored = expect_int(
         "backdoored_teachers", params.get("backdoored_teachers", 0), 0, teachers

@@ -24,14 +24,21 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.architectures import build_architecture
 from gauntlet.workers.attacks.base import expect_float, expect_int
+from gauntlet.workers.attacks.pgd import PGD
 from gauntlet.workers.context import JobContext
-from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
 from gauntlet.workers.jobs.calibration import logits_of
-from gauntlet.workers.models import InputSpec, Normalized, save_classifier
-from gauntlet.workers.result import JobResult, Metric
-from gauntlet.workers.training import fgsm_random_start
+from gauntlet.workers.models import InputSpec, save_classifier
+from gauntlet.workers.results import JobResult, Metric
+from gauntlet.workers.training import (
+    FGSM_RANDOM_START,
+    adversarial,
+    distillation_loss,
+    fit,
+    fresh_model,
+    soft_labels,
+)
 
 METHODS = ("fgsm-at", "pgd-at", "ensemble-at", "distillation")
 _PARAMS = {
@@ -48,14 +55,14 @@ _PARAMS = {
 
 def check_train(method: str, params: dict) -> dict:
     """Validated settings with defaults; GauntletError on anything unknown or out of range."""
-    if method not in METHODS:
-        raise GauntletError(f"Unknown training method {method!r}; known: {', '.join(METHODS)}")
-    unknown = sorted(set(params) - _PARAMS)
-    if unknown:
-        raise GauntletError(
-            f"Unknown training parameter(s) {', '.join(unknown)}; "
-            f"accepted: {', '.join(sorted(_PARAMS))}"
-        )
+    check_procedure(
+        method,
+        METHODS,
+        params,
+        _PARAMS,
+        what="training method",
+        params_what="training parameter(s)",
+    )
     static = params.get("static_models", [])
     if method == "ensemble-at" and (not isinstance(static, list) or not static):
         raise GauntletError("ensemble-at needs `static_models`: ids of pre-trained models")
@@ -70,39 +77,6 @@ def check_train(method: str, params: dict) -> dict:
     }
 
 
-def _pgd(model, x, y, eps: float, steps: int, generator) -> torch.Tensor:
-    delta = (torch.rand(x.shape, generator=generator, device=x.device) * 2 - 1) * eps
-    step = 2.5 * eps / steps
-    for _ in range(steps):
-        delta.requires_grad_(True)
-        loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
-        (grad,) = torch.autograd.grad(loss, delta)
-        delta = (delta.detach() + step * grad.sign()).clamp(-eps, eps)
-    return (x + delta).clamp(0, 1)
-
-
-def _fit(model, x, y, settings, generator, batch_loss, progress=None) -> float:
-    """Adam over shuffled mini-batches; ``batch_loss(model, idx, xb, yb)`` gives the loss.
-
-    ``progress(epoch, epochs)`` after each epoch: a train job's progress in Redis.
-    """
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings["lr"])
-    loss = torch.tensor(0.0)
-    for epoch in range(settings["epochs"]):
-        order = torch.randperm(len(x), generator=generator, device=x.device)
-        for start in range(0, len(x), settings["batch_size"]):
-            idx = order[start : start + settings["batch_size"]]
-            model.train()
-            loss = batch_loss(model, idx, x[idx], y[idx])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-        if progress:
-            progress(epoch + 1, settings["epochs"])
-    model.eval()
-    return float(loss.detach())
-
-
 def train_derived(
     method: str,
     params: dict,
@@ -115,68 +89,58 @@ def train_derived(
     static: list[torch.nn.Module] | None = None,
     progress=None,
 ):
-    """The derived network (bare, no normalisation wrapper) and its final training loss."""
+    """The derived network (bare, no normalisation wrapper) and its final training loss.
+
+    ``progress(epoch, epochs)`` after each epoch: a train job's progress in Redis.
+    """
     settings = check_train(method, params)
     torch.manual_seed(seed)
+    # One generator, on the data's device, for shuffles, random starts and picks alike.
     generator = torch.Generator(device=x.device).manual_seed(seed)
-
-    def fresh() -> Normalized:
-        return Normalized(build_architecture(arch, spec), spec).to(x.device)
+    schedule = dict(
+        epochs=settings["epochs"],
+        lr=settings["lr"],
+        batch_size=settings["batch_size"],
+        generator=generator,
+    )
 
     if method == "distillation":
         # Papernot et al. 2016: a teacher trained at temperature T on the labels, then a
         # student trained at T on the teacher's soft labels, deployed at T = 1. Both learn
         # logits about T times larger than usual, which saturates the deployed softmax.
         temperature = settings["temperature"]
-        teacher = fresh()
-        _fit(
+        # Initialised from the one seeded stream: the student's init follows the teacher's.
+        teacher = fresh_model(arch, spec, None, x.device)
+        fit(
             teacher,
             x,
             y,
-            settings,
-            generator,
-            lambda m, idx, xb, yb: F.cross_entropy(m(xb) / temperature, yb),
+            loss=lambda logits, yb: F.cross_entropy(logits / temperature, yb),
+            **schedule,
         )
-        with torch.no_grad():
-            soft = torch.cat(
-                [
-                    F.softmax(teacher(x[i : i + 512]) / temperature, dim=1)
-                    for i in range(0, len(x), 512)
-                ]
-            )
-        student = fresh()
-        loss = _fit(
+        soft = soft_labels(teacher, x, temperature, batch_size=512)
+        student = fresh_model(arch, spec, None, x.device)
+        # The soft labels stand in for y: fit shuffles and batches them alongside x.
+        loss = fit(
             student,
             x,
-            y,
-            settings,
-            generator,
-            lambda m, idx, xb, yb: (
-                -(soft[idx] * F.log_softmax(m(xb) / temperature, dim=1)).sum(1).mean()
-            ),
-            progress,
+            soft,
+            loss=lambda logits, probs: distillation_loss(logits, probs, temperature),
+            progress=progress,
+            **schedule,
         )
         return student.net, loss
 
-    model = fresh()
+    model = fresh_model(arch, spec, None, x.device)
     model.net.load_state_dict(parent.net.state_dict())  # adversarial fine-tuning of the parent
-
-    def adversarial(m, idx, xb, yb):
-        m.eval()  # craft against inference-mode statistics
-        if method == "ensemble-at":
-            # Tramer et al.: decoupling the examples from the model being trained is what
-            # stops single-step training from learning to mask its own gradients.
-            sources = [m, *(static or [])]
-            pick = torch.randint(len(sources), (1,), generator=generator, device=xb.device)
-            xb = fgsm_random_start(sources[int(pick)], xb, yb, settings["eps"], generator)
-        elif method == "fgsm-at":
-            xb = fgsm_random_start(m, xb, yb, settings["eps"], generator)
-        else:
-            xb = _pgd(m, xb, yb, settings["eps"], settings["pgd_steps"], generator)
-        m.train()
-        return F.cross_entropy(m(xb), yb)
-
-    return model.net, _fit(model, x, y, settings, generator, adversarial, progress)
+    if method == "pgd-at":
+        attack = PGD(norm="linf", steps=settings["pgd_steps"])  # Madry et al.: 2.5 eps / steps
+    else:
+        attack = FGSM_RANDOM_START
+    # ensemble-at draws its examples from the model or the static ones (Tramer et al.).
+    static = (static or []) if method == "ensemble-at" else []
+    perturb = adversarial(attack, settings["eps"], generator, static)
+    return model.net, fit(model, x, y, perturb=perturb, progress=progress, **schedule)
 
 
 def run(ctx: JobContext) -> JobResult:

@@ -37,6 +37,7 @@ to reading the numbers:
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -49,9 +50,13 @@ from gauntlet.workers.backdoor._checks import (
     expect_labels,
     expect_model,
 )
-from gauntlet.workers.backdoor.training import Progress, fit, frozen, trainable_copy
+from gauntlet.workers.backdoor.training import DEFAULTS, frozen, trainable_copy
 from gauntlet.workers.backdoor.triggers import Trigger, expect_trigger
 from gauntlet.workers.models import Normalized
+from gauntlet.workers.training import Schedule, fit
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # Layers whose output rows scale with their weight and bias rows.
 _SCALABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -214,11 +219,7 @@ def transfer_learn(
     new_head: bool = False,
     num_classes: int | None = None,
     freeze_features: bool = True,
-    epochs: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: Progress | None = None,
+    **schedule: Unpack[Schedule],
 ) -> Normalized:
     """Fine-tune a copy of the source ``model`` on the target task (x, y).
 
@@ -227,7 +228,11 @@ def transfer_learn(
     outputs (default: the source's) on the features, as for a task with other labels
     (Gu et al.'s victim retrains the fully connected part for its new classes).
     ``freeze_features=True`` trains only the final layer; False fine-tunes every layer.
+    ``schedule`` (epochs, lr, batch_size, seed, progress) goes to ``fit``; by default 10
+    epochs at lr 1e-3, batches of 64, seed 0 (``training.DEFAULTS``). The seed also
+    initialises a new head.
     """
+    schedule = DEFAULTS | schedule
     target = trainable_copy(model)
     name, head = final_linear(target.net)
     spec = target.spec
@@ -240,7 +245,7 @@ def transfer_learn(
             )
     if new_head:
         num_classes = num_classes or spec.num_classes
-        torch.manual_seed(expect_int("seed", seed, 0))  # a seeded initialisation
+        torch.manual_seed(expect_int("seed", schedule["seed"], 0))  # a seeded initialisation
         head = nn.Linear(head.in_features, num_classes).to(head.weight.device)
         _set_module(target.net, name, head)
         spec = dataclasses.replace(spec, num_classes=num_classes)
@@ -253,16 +258,5 @@ def transfer_learn(
         for p in head.parameters():
             p.requires_grad_(True)
     params = [p for p in target.parameters() if p.requires_grad]
-    fit(
-        target,
-        x,
-        y,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
-        parameters=params,
-        train_mode=not freeze_features,
-        progress=progress,
-    )
+    fit(target, x, y, params=params, train_mode=not freeze_features, **schedule)
     return frozen(target)

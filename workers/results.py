@@ -1,14 +1,20 @@
-"""Per-example outcomes as compact bitsets, and the Wilson score interval.
+"""What a worker hands back: the typed result, and its per-example outcomes.
 
-A bitset stores one bit per example of the evaluation subset (numpy's big-endian
-``packbits`` order), so 10,000 outcomes take 1,250 bytes and the per-example worst case
-across attacks is a bitwise AND.
+``JobResult``, ``JobFailure`` and ``Metric`` are small, picklable dataclasses: they travel
+from a Ray task to the scheduler, which writes them to SQL in one transaction. Workers
+never talk to SQL themselves.
+
+Per-example outcomes are compact bitsets: one bit per example of the evaluation subset
+(numpy's big-endian ``packbits`` order), so 10,000 outcomes take 1,250 bytes and the
+per-example worst case across attacks is a bitwise AND. The Wilson score interval gives
+every rate its 95% interval.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,3 +61,45 @@ def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float]:
     low = 0.0 if k == 0 else max(0.0, centre - half)
     high = 1.0 if k == n else min(1.0, centre + half)
     return (low, high)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number with its sample size and 95% interval (None where none applies)."""
+
+    name: str
+    value: float
+    n: int
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass
+class JobResult:
+    """What an evaluation job produced.
+
+    ``clean`` and ``robust`` are per-example outcomes packed as bitsets (see
+    ``pack`` below) over the job's deterministic evaluation subset, so the worst
+    case across attacks is a bitwise AND of stored rows.
+    """
+
+    metrics: list[Metric]
+    n: int
+    clean: bytes
+    robust: bytes
+    worker_host: str = ""
+    device: str = ""
+    code_version: str = ""
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+    # Pieces of the job that ran as their own tasks (``workers.fanout.SubTaskRecord``).
+    subtasks: list = field(default_factory=list)
+
+
+@dataclass
+class JobFailure:
+    """A failure the worker classified: ``permanent`` failures are not retried."""
+
+    message: str
+    permanent: bool
+    worker_host: str = ""

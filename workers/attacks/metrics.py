@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from gauntlet.workers.attacks.base import AttackResult
-from gauntlet.workers.outcomes import wilson_interval
-from gauntlet.workers.result import Metric
+from gauntlet.workers.results import Metric, wilson_interval
 
 
 def _proportion(name: str, k: int, n: int) -> Metric:

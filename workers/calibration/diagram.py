@@ -13,7 +13,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from gauntlet.workers.calibration import bin_stats
+from gauntlet.workers.calibration.metrics import bin_stats
 
 
 def reliability_diagram_png(

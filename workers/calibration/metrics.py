@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.outcomes import wilson_interval
-from gauntlet.workers.result import Metric
+from gauntlet.workers.results import Metric, wilson_interval
 
 # A prediction made with more confidence than this and wrong counts as an overconfident error.
 OVERCONFIDENT_THRESHOLD = 0.9

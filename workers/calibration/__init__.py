@@ -1,0 +1,2 @@
+"""Calibration: the metrics (ECE, MCE, Brier, NLL, temperature scaling) and the
+reliability diagram drawn from the same bins."""
