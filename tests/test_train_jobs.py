@@ -40,22 +40,11 @@ def test_pgd_adversarial_training_raises_robust_accuracy(tmp_path, digits_models
     suite = _pgd_suite(tmp_path, 150)
     app = make_app(tmp_path / "home")
     submit_digits(app, digits_models["standard"], suite=suite, name="base")
-    job_id, new = request_training(
-        app.engine,
-        app.queue,
-        "base",
-        "pgd-at",
-        {"eps": 0.2, "epochs": 8, "pgd_steps": 3, "suite": suite},
-        n=150,
-    )
-    assert new and request_training(
-        app.engine,
-        app.queue,
-        "base",
-        "pgd-at",
-        {"eps": 0.2, "epochs": 8, "pgd_steps": 3, "suite": suite},
-        n=150,
-    ) == (0, False)
+    params = {"eps": 0.2, "epochs": 8, "pgd_steps": 3, "suite": suite}
+    job_id, new = request_training(app.engine, app.queue, "base", "pgd-at", params, n=150)
+    # The same request again is the same job: nothing new is queued.
+    again = request_training(app.engine, app.queue, "base", "pgd-at", params, n=150)
+    assert new and again == (0, False)
     stats = app.dispatcher(LocalExecutor()).run(drain=True)
     assert stats.failed == 0
     # Training reported its progress per epoch to Redis.

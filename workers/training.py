@@ -226,15 +226,6 @@ def train_classifier(
     perturb = None
     if adversarial_eps > 0:
         perturb = adversarial(FGSM_RANDOM_START, adversarial_eps, generator)
-    fit(
-        model,
-        x,
-        y,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        generator=generator,
-        perturb=perturb,
-        progress=progress,
-    )
+    schedule = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "progress": progress}
+    fit(model, x, y, generator=generator, perturb=perturb, **schedule)
     return model.net
