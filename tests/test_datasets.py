@@ -24,7 +24,7 @@ def test_registry_lists_builtins():
     assert (info.channels, info.height, info.width, info.num_classes) == (3, 32, 32, 10)
     assert len(info.mean) == len(info.std) == 3
     assert dataset_info("gtsrb").num_classes == 43
-    with pytest.raises(GauntletError, match="known: .*digits"):
+    with pytest.raises(GauntletError, match="known datasets: .*digits"):
         dataset_info("imagenet-9000")
 
 

@@ -32,7 +32,9 @@ class Registry(Generic[T]):
                 f"Expected a {self.what} name to be a non-empty string, got {name!r}"
             )
         if name in self._entries and self._entries[name] is not entry:
-            raise GauntletError(f"A {self.what} named {name!r} is already registered")
+            raise GauntletError(
+                f"A {self.what} named {name!r} is already registered; pick another name"
+            )
         self._entries[name] = entry
         return entry
 

@@ -27,6 +27,7 @@ from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.architectures import build_architecture
 from gauntlet.workers.attacks.base import Attack, Threat, expect_float, expect_int
 from gauntlet.workers.attacks.pgd import PGD
+from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.models import InputSpec, Normalized
 
 Progress = Callable[[int, int], None]
@@ -170,18 +171,13 @@ def adversarial(
     return perturb
 
 
-@torch.no_grad()
 def soft_labels(
     teacher: torch.nn.Module, x: torch.Tensor, temperature: float, batch_size: int = 256
 ) -> torch.Tensor:
     """softmax(teacher logits / T) for each image, the teacher in eval mode."""
     teacher.eval()
-    device = next(teacher.parameters()).device
-    return torch.cat(
-        [
-            F.softmax(teacher(x[i : i + batch_size].to(device)) / temperature, dim=1)
-            for i in range(0, len(x), batch_size)
-        ]
+    return predict_in_batches(
+        teacher, x, batch_size, output=lambda out: F.softmax(out / temperature, dim=1)
     )
 
 

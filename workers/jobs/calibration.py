@@ -25,11 +25,6 @@ from gauntlet.workers.results import JobResult, Metric
 HOLDOUT = 500
 
 
-def logits_of(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The model's logits for ``x``, batched; the corruption and train jobs use it too."""
-    return predict_in_batches(model, x, batch_size)
-
-
 def holdout_split(dataset: str, data_root, indices: torch.Tensor, seed: int):
     """Test points outside the evaluation subset; the training split's tail if none."""
     x, y = load_split(dataset, "test", data_root)
@@ -45,9 +40,9 @@ def holdout_split(dataset: str, data_root, indices: torch.Tensor, seed: int):
 def run(ctx: JobContext) -> JobResult:
     spec, model, batch_size = ctx.spec, ctx.defended, ctx.batch_size
     x, y, indices = ctx.eval_data
-    logits = logits_of(model, x, batch_size)
+    logits = predict_in_batches(model, x, batch_size)
     x_fit, y_fit = holdout_split(ctx.dataset, ctx.data_root, indices, ctx.seed)
-    fit_logits = logits_of(model, x_fit.to(ctx.device), batch_size)
+    fit_logits = predict_in_batches(model, x_fit.to(ctx.device), batch_size)
     temperature, before, after = calibration.temperature_report(
         fit_logits.cpu(), y_fit, logits.cpu(), y.cpu()
     )
@@ -62,7 +57,7 @@ def run(ctx: JobContext) -> JobResult:
         threat = Threat(spec["norm"], float(spec["eps"]))
         generator = torch.Generator(device=x.device).manual_seed(ctx.seed)
         result = attack(model, x, y, threat, batch_size=batch_size, generator=generator)
-        adv_logits = logits_of(model, result.x_adv, batch_size)
+        adv_logits = predict_in_batches(model, result.x_adv, batch_size)
         metrics += calibration.calibration_metrics(adv_logits.cpu(), y.cpu(), prefix="adv_")
         details["attack_config"] = repr(attack)
         robust = adv_logits.argmax(1) == y

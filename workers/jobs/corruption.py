@@ -3,17 +3,17 @@
 
 from __future__ import annotations
 
+from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.corruptions import corruption_metrics
 from gauntlet.workers.jobs import JobKind, register_kind
-from gauntlet.workers.jobs.calibration import logits_of
 from gauntlet.workers.results import JobResult
 
 
 def run(ctx: JobContext) -> JobResult:
     defended, batch_size = ctx.defended, ctx.batch_size
     x, y, _ = ctx.eval_data
-    clean = logits_of(defended, x, batch_size).argmax(1) == y
+    clean = predict_in_batches(defended, x, batch_size).argmax(1) == y
     metrics = [
         ctx.accuracy("clean_accuracy", clean),
         *corruption_metrics(defended, x, y, batch_size=batch_size, seed=ctx.seed),

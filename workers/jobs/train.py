@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.attacks.base import expect_float, expect_int
 from gauntlet.workers.attacks.pgd import PGD
+from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
-from gauntlet.workers.jobs.calibration import logits_of
 from gauntlet.workers.models import InputSpec, save_classifier
 from gauntlet.workers.results import JobResult, Metric
 from gauntlet.workers.training import (
@@ -172,7 +172,7 @@ def run(ctx: JobContext) -> JobResult:
     }
     # The parent's clean outcomes on the evaluation subset.
     x_eval, y_eval, _ = ctx.eval_data
-    clean = logits_of(ctx.net, x_eval, ctx.batch_size).argmax(1) == y_eval
+    clean = predict_in_batches(ctx.net, x_eval, ctx.batch_size).argmax(1) == y_eval
     return ctx.result([Metric("final_train_loss", loss, len(y))], clean, clean, details)
 
 
