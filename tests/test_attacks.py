@@ -361,3 +361,35 @@ def test_third_party_attack_registers_like_the_built_ins(digits):
             build_attack("test-noise", {"scale": 2.0})(model, x, y, Threat("linf", 0.2))
     finally:
         del ATTACKS["test-noise"]
+
+
+def test_a_third_party_table_attack_gets_checks_repr_and_accepted_names(digits):
+    """The README's table form: the table alone gives the constructor, repr and errors."""
+    from gauntlet.workers.hyperparams import integer, real
+
+    model, x, y = digits
+
+    @register_attack
+    class Shift(Attack):
+        name = "test-shift"
+        hyperparams = {"scale": real(1.0, 0.0, 1.0), "tries": integer(10, 1, 1000)}
+
+        def run(self, model, x, y, threat, generator):
+            x_adv = (x - self.scale * threat.eps).clamp(0, 1)
+            with torch.no_grad():
+                return RunOutput(x_adv, model(x_adv).argmax(1) != y)
+
+    try:
+        assert repr(build_attack("test-shift", {"tries": 3})) == "Shift(scale=1.0, tries=3)"
+        with pytest.raises(GauntletError, match=r"Expected `scale` to be a float in \(0, 1\]"):
+            build_attack("test-shift", {"scale": 1.5})
+        with pytest.raises(GauntletError, match="accepted parameters: scale, tries"):
+            build_attack("test-shift", {"steps": 3})
+        with pytest.raises(TypeError, match="unexpected keyword argument 'steps'"):
+            Shift(steps=3)
+        # A shift by -eps in every pixel is on the ball's boundary: never outside it.
+        result = build_attack("test-shift", {"scale": 1.0})(model, x, y, Threat("linf", 0.1))
+        gap = (result.x_adv - x).abs().amax()
+        assert gap <= 0.1 + 1e-6 and gap > 0.09
+    finally:
+        del ATTACKS["test-shift"]

@@ -83,33 +83,35 @@ def test_black_box_and_fitted_attacks_declare_themselves():
     assert patch.needs_train_data and patch.unbounded and not patch.needs_threat
 
 
+# Values each check must refuse, by attack and hyperparameter: out of range, wrong type,
+# odd NES samples (antithetic pairs), a NES budget below one estimate plus its check.
+BAD_VALUES = {
+    "square": {"queries": [0], "p_init": [0.0, 1.5], "restarts": [0], "loss": ["dlr"]},
+    "nes": {
+        "samples": [51, 0],
+        "sigma": [0.0],
+        "queries": [50],
+        "steps": [0],
+        "rel_stepsize": [-1.0],
+        "loss": ["hinge"],
+    },
+    "universal": {"fit_points": [0], "epochs": [1.5], "rel_stepsize": [0]},
+    "patch": {"size": [0.0, 2.0], "epochs": [0], "step_size": [True]},
+}
+
+
 @pytest.mark.parametrize(
-    ("name", "params", "field"),
+    ("name", "field", "value"),
     [
-        ("square", {"queries": 0}, "queries"),
-        ("square", {"p_init": 0.0}, "p_init"),
-        ("square", {"p_init": 1.5}, "p_init"),
-        ("square", {"restarts": 0}, "restarts"),
-        ("square", {"loss": "dlr"}, "loss"),
-        ("nes", {"samples": 51}, "samples"),
-        ("nes", {"samples": 0}, "samples"),
-        ("nes", {"sigma": 0.0}, "sigma"),
-        ("nes", {"queries": 50}, "queries"),
-        ("nes", {"steps": 0}, "steps"),
-        ("nes", {"rel_stepsize": -1.0}, "rel_stepsize"),
-        ("nes", {"loss": "hinge"}, "loss"),
-        ("universal", {"fit_points": 0}, "fit_points"),
-        ("universal", {"epochs": 1.5}, "epochs"),
-        ("universal", {"rel_stepsize": 0}, "rel_stepsize"),
-        ("patch", {"size": 0.0}, "size"),
-        ("patch", {"size": 2.0}, "size"),
-        ("patch", {"epochs": 0}, "epochs"),
-        ("patch", {"step_size": True}, "step_size"),
+        (name, field, value)
+        for name, fields in BAD_VALUES.items()
+        for field, values in fields.items()
+        for value in values
     ],
 )
-def test_bad_params_raise(name, params, field):
+def test_bad_params_raise(name, field, value):
     with pytest.raises(GauntletError, match=f"Expected `{field}`"):
-        build_attack(name, params)
+        build_attack(name, {field: value})
 
 
 # --- Square -------------------------------------------------------------------------

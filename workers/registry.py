@@ -8,11 +8,11 @@ bad parameters into a message that says what is known.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.hyperparams import keyword_params
 
 T = TypeVar("T")
 
@@ -76,12 +76,6 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
-
-
-def keyword_params(cls: type) -> list[str]:
-    """The names of ``cls``'s keyword-only constructor arguments: its hyperparameters."""
-    signature = inspect.signature(cls.__init__)
-    return [p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY]
 
 
 def configure(

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.architectures import build_architecture
-from gauntlet.workers.attacks.base import Attack, Threat, expect_float, expect_int
+from gauntlet.workers.attacks.base import Attack, Threat
 from gauntlet.workers.attacks.pgd import PGD
 from gauntlet.workers.batches import predict_in_batches
+from gauntlet.workers.hyperparams import expect_float, expect_int
 from gauntlet.workers.models import InputSpec, Normalized
 
 Progress = Callable[[int, int], None]

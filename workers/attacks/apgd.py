@@ -17,17 +17,11 @@ from dataclasses import dataclass, fields
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import (
-    Attack,
-    RunOutput,
-    expect_float,
-    expect_int,
-    expect_norm,
-    keyword_config,
-)
+from gauntlet.workers.attacks.base import Attack, RunOutput, norm_and_steps
 from gauntlet.workers.attacks.losses import cross_entropy, dlr, targeted_dlr
 from gauntlet.workers.attacks.norms import Norm, get_norm
 from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.hyperparams import integer, real
 
 # Weight of the new gradient step against the previous step (alpha in the paper).
 MOMENTUM = 0.75
@@ -188,16 +182,8 @@ _LOSSES: dict[str, Loss] = {
 class _APGDBase(Attack):
     """Shared parameters; ``norm=None`` takes the norm from the threat."""
 
-    def __init__(
-        self, *, norm: str | None = None, steps: int = 100, restarts: int = 1, rho: float = 0.75
-    ) -> None:
-        self.norm = expect_norm("norm", norm)
-        self.steps = expect_int("steps", steps, 1, 10_000)
-        self.restarts = expect_int("restarts", restarts, 1, 100)
-        # The fraction of a window's steps that must raise the loss to keep the step.
-        self.rho = expect_float("rho", rho, 0.0, 1.0)
-
-    config = keyword_config
+    # ``rho``: the fraction of a window's steps that must raise the loss to keep the step.
+    hyperparams = norm_and_steps(100, restarts=integer(1, 1, 100), rho=real(0.75, 0.0, 1.0))
 
     def _restarts(self, model, loss_fn, x, y, idx, threat, generator, out, target=None):
         """Restarts on the points of ``idx`` still robust; returns those that stay so."""
@@ -250,17 +236,7 @@ class APGDT(_APGDBase):
 
     name = "apgd-t"
 
-    def __init__(
-        self,
-        *,
-        norm: str | None = None,
-        steps: int = 100,
-        restarts: int = 1,
-        rho: float = 0.75,
-        n_target_classes: int = 9,
-    ) -> None:
-        super().__init__(norm=norm, steps=steps, restarts=restarts, rho=rho)
-        self.n_target_classes = expect_int("n_target_classes", n_target_classes, 1, 1000)
+    hyperparams = {**_APGDBase.hyperparams, "n_target_classes": integer(9, 1, 1000)}
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         out = (x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device), [])

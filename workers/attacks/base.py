@@ -8,8 +8,7 @@ batch of points the model currently gets right.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -17,7 +16,14 @@ import torch
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.attacks.norms import NORMS, get_norm
-from gauntlet.workers.registry import keyword_params
+from gauntlet.workers.hyperparams import (
+    Hyper,
+    expect_int,
+    integer,
+    reads_hyperparams,
+    set_hyperparams,
+    table_config,
+)
 
 # How far a subclass's x_adv may lie outside the ball or [0, 1] before the base calls it
 # a bug rather than float rounding (the L2 projection is exact only up to a few ulps).
@@ -69,36 +75,6 @@ def check_threat(threat: object) -> Threat:
     return threat
 
 
-# Parameter checks for the keyword-only hyperparameters of attacks, with the project's
-# one message template, so build_attack can pass user input straight to a constructor.
-def expect_int(name: str, value: Any, low: int, high: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise GauntletError(f"Expected `{name}` to be an integer {bound}, but got {value!r}")
-    return value
-
-
-def expect_float(name: str, value: Any, low: float, high: float) -> float:
-    """A float in (low, high]."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not low < value <= high:
-        raise GauntletError(
-            f"Expected `{name}` to be a float in ({low:g}, {high:g}], but got {value!r}"
-        )
-    return float(value)
-
-
-def expect_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise GauntletError(f"Expected `{name}` to be true or false, but got {value!r}")
-    return value
-
-
 def expect_norm(name: str, value: Any) -> str | None:
     if value is not None and value not in NORMS:
         known = ", ".join(repr(n) for n in NORMS)
@@ -106,19 +82,21 @@ def expect_norm(name: str, value: Any) -> str | None:
     return value
 
 
-def keyword_config(attack: Attack) -> dict[str, Any]:
-    """``config`` for an attack keeping each hyperparameter as an attribute of its name.
+# ``norm=None`` takes the norm from the threat; a fixed norm must match it (``check``).
+NORM = Hyper(None, expect_norm)
 
-    Assign it in the class body (``config = keyword_config``); subclasses inherit it and
-    list their own keyword-only arguments, in constructor order, so ``repr`` follows.
-    """
-    return {name: getattr(attack, name) for name in keyword_params(type(attack))}
+
+def norm_and_steps(steps: int, **extra: Hyper) -> dict[str, Hyper]:
+    """The table of an iterative gradient attack: its norm and step count, then its own
+    ``extra`` hyperparameters."""
+    return {"norm": NORM, "steps": integer(steps, 1, 10_000), **extra}
 
 
 class Attack:
-    """Base of all attacks. Hyperparameters are keyword-only constructor arguments."""
+    """Base of all attacks. Hyperparameters are keyword arguments listed in ``hyperparams``."""
 
     name: ClassVar[str]
+    hyperparams: ClassVar[Mapping[str, Hyper]] = {}
     # Every attack except "clean" needs a threat model; for those that don't, a given
     # threat is ignored.
     needs_threat: ClassVar[bool] = True
@@ -132,19 +110,28 @@ class Attack:
     # [0, 1]. Such attacks take no threat and do not count towards Lp leaderboards.
     unbounded: ClassVar[bool] = False
 
-    def fit(
-        self,
-        model: torch.nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        threat: Threat | None,
-        generator: torch.Generator,
-    ) -> None:
-        """Fit on training points (only for ``needs_train_data`` attacks)."""
+    @reads_hyperparams
+    def __init__(self, **params: Any) -> None:
+        set_hyperparams(self, params)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Derived values and checks across hyperparameters, after each one's own check."""
+
+    def fit(self, model, x, y, threat, generator) -> None:
+        """Fit on training points (only for ``needs_train_data`` attacks): the arguments
+        of ``run``, with the training split as ``x`` and ``y``."""
+
+    def is_fitted(self) -> bool:
+        """Whether ``fit`` has run (``needs_train_data`` attacks refuse to run before)."""
+        return True
+
+    def check_inputs(self, x: torch.Tensor, threat: Threat | None) -> None:
+        """Checks of the images against fitted state (its shape, its threat); by default none."""
 
     def config(self) -> dict[str, Any]:
-        """The hyperparameters, in constructor order: the source of ``repr``."""
-        return {}
+        """The hyperparameters, in declaration order: the source of ``repr``."""
+        return table_config(self)
 
     def check(self, threat: Threat | None) -> None:
         """Attack-specific threat checks; GauntletError if unfit.
@@ -216,6 +203,9 @@ class Attack:
             )
         if x.numel() and (x.min() < 0 or x.max() > 1):
             raise GauntletError("Expected images in [0, 1]; normalisation belongs inside the model")
+        if self.needs_train_data and not self.is_fitted():
+            raise GauntletError(f"{self!r} must be fitted on training data before it is run")
+        self.check_inputs(x, threat)
         return threat
 
     def _attack_batches(self, model, x, y, threat, batch_size, generator, progress) -> AttackResult:

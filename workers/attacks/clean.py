@@ -19,9 +19,6 @@ class Clean(Attack):
     name = "clean"
     needs_threat = False
 
-    def __init__(self) -> None:
-        pass
-
     def run(self, model, x, y, threat, generator) -> RunOutput:
         # The base only passes points the model already classifies correctly.
         return RunOutput(x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device))

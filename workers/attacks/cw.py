@@ -15,18 +15,11 @@ from __future__ import annotations
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import (
-    Attack,
-    RunOutput,
-    Threat,
-    expect_bool,
-    expect_float,
-    expect_int,
-    keyword_config,
-)
+from gauntlet.workers.attacks.base import Attack, RunOutput, Threat
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
-from gauntlet.workers.attacks.targets import expect_range, expect_target, pick_targets
+from gauntlet.workers.attacks.targets import TARGET, pick_targets
+from gauntlet.workers.hyperparams import flag, integer, real, span
 
 # Adam's constants, as in torch.optim.Adam; the update is written out so that its state
 # can be compacted together with the active set.
@@ -53,28 +46,16 @@ class CarliniWagnerL2(Attack):
 
     name = "cw-l2"
 
-    def __init__(
-        self,
-        *,
-        steps: int = 1000,
-        binary_steps: int = 5,
-        initial_const: float = 1e-2,
-        lr: float = 0.01,
-        confidence: float = 0.0,
-        abort_early: bool = True,
-        targeted: bool = False,
-        target: str = "random",
-    ) -> None:
-        self.steps = expect_int("steps", steps, 1, 100_000)
-        self.binary_steps = expect_int("binary_steps", binary_steps, 1, 50)
-        self.initial_const = expect_float("initial_const", initial_const, 0.0, 1e6)
-        self.lr = expect_float("lr", lr, 0.0, 10.0)
-        self.confidence = expect_range("confidence", confidence, 0.0, 1e6, open_high=False)
-        self.abort_early = expect_bool("abort_early", abort_early)
-        self.targeted = expect_bool("targeted", targeted)
-        self.target = expect_target("target", target)
-
-    config = keyword_config
+    hyperparams = {
+        "steps": integer(1000, 1, 100_000),
+        "binary_steps": integer(5, 1, 50),
+        "initial_const": real(1e-2, 0.0, 1e6),
+        "lr": real(0.01, 0.0, 10.0),
+        "confidence": span(0.0, 0.0, 1e6),
+        "abort_early": flag(True),
+        "targeted": flag(False),
+        "target": TARGET,
+    }
 
     def check(self, threat: Threat | None) -> None:
         if threat is not None and threat.norm != "l2":

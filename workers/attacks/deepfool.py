@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int, expect_norm, keyword_config
+from gauntlet.workers.attacks.base import Attack, RunOutput, norm_and_steps
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
-from gauntlet.workers.attacks.targets import expect_range
+from gauntlet.workers.hyperparams import integer, span
 
 # Guards divisions by ||w_k||: a flat logit difference gives an infinite distance (never
 # the chosen boundary) instead of NaN.
@@ -41,21 +41,10 @@ class DeepFool(Attack):
 
     name = "deepfool"
 
-    def __init__(
-        self,
-        *,
-        norm: str | None = None,
-        steps: int = 50,
-        overshoot: float = 0.02,
-        candidates: int = 10,
-    ) -> None:
-        self.norm = expect_norm("norm", norm)
-        self.steps = expect_int("steps", steps, 1, 10_000)
-        self.overshoot = expect_range("overshoot", overshoot, 0.0, 10.0, open_high=False)
-        # Two classes at least: the label and one boundary to cross.
-        self.candidates = expect_int("candidates", candidates, 2, 100_000)
-
-    config = keyword_config
+    # Two ``candidates`` at least: the label and one boundary to cross.
+    hyperparams = norm_and_steps(
+        50, overshoot=span(0.02, 0.0, 10.0), candidates=integer(10, 2, 100_000)
+    )
 
     def minimal(
         self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str | None = None

@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, expect_int, keyword_config
+from gauntlet.workers.attacks.base import Attack, RunOutput
 from gauntlet.workers.attacks.registry import build_attack, register_attack
+from gauntlet.workers.hyperparams import integer, one_of
 
 
 def standard_members(steps: int, queries: int, targets: int) -> list[tuple[str, dict]]:
@@ -41,29 +41,18 @@ VERSIONS = {
 class AutoAttack(Attack):
     name = "autoattack"
 
-    def __init__(
-        self,
-        *,
-        version: str = "standard",
-        steps: int = 100,
-        queries: int = 5000,
-        n_target_classes: int = 9,
-    ) -> None:
-        if version not in VERSIONS:
-            known = ", ".join(repr(v) for v in VERSIONS)
-            raise GauntletError(f"Expected `version` to be one of {known}, but got {version!r}")
-        self.version = version
-        self.steps = expect_int("steps", steps, 1, 10_000)
-        self.queries = expect_int("queries", queries, 1, 1_000_000)
-        self.n_target_classes = expect_int("n_target_classes", n_target_classes, 1, 1000)
-        self.members = [
-            build_attack(name, params)
-            for name, params in VERSIONS[version](self.steps, self.queries, self.n_target_classes)
-        ]
+    hyperparams = {
+        "version": one_of("standard", tuple(VERSIONS)),
+        "steps": integer(100, 1, 10_000),
+        "queries": integer(5000, 1, 1_000_000),
+        "n_target_classes": integer(9, 1, 1000),
+    }
+
+    def prepare(self) -> None:
+        members = VERSIONS[self.version](self.steps, self.queries, self.n_target_classes)
+        self.members = [build_attack(name, params) for name, params in members]
         self.breakdown: dict[str, int] = {m.name: 0 for m in self.members}
         self.seconds: dict[str, float] = {m.name: 0.0 for m in self.members}
-
-    config = keyword_config
 
     def check(self, threat) -> None:
         for member in self.members:

@@ -15,17 +15,10 @@ from __future__ import annotations
 
 import torch
 
-from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import (
-    Attack,
-    RunOutput,
-    expect_float,
-    expect_int,
-    expect_norm,
-    keyword_config,
-)
+from gauntlet.workers.attacks.base import Attack, RunOutput, norm_and_steps
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.hyperparams import integer, real, span
 
 _TINY = 1e-12
 
@@ -89,29 +82,15 @@ class FABT(Attack):
 
     name = "fab-t"
 
-    def __init__(
-        self,
-        *,
-        norm: str | None = None,
-        steps: int = 100,
-        restarts: int = 1,
-        n_target_classes: int = 9,
-        alpha_max: float = 0.1,
-        eta: float = 1.05,
-        beta: float = 0.9,
-    ) -> None:
-        self.norm = expect_norm("norm", norm)
-        self.steps = expect_int("steps", steps, 1, 10_000)
-        self.restarts = expect_int("restarts", restarts, 1, 100)
-        self.n_target_classes = expect_int("n_target_classes", n_target_classes, 1, 1000)
-        self.alpha_max = expect_float("alpha_max", alpha_max, 0.0, 1.0)
-        self.eta = expect_float("eta", eta, 0.0, 10.0)
-        if self.eta < 1.0:
-            # Stopping short of the linearised boundary would never cross it.
-            raise GauntletError(f"Expected `eta` to be a float in [1, 10], but got {eta!r}")
-        self.beta = expect_float("beta", beta, 0.0, 1.0)
-
-    config = keyword_config
+    # ``eta`` is at least 1: stopping short of the linearised boundary would never cross it.
+    hyperparams = norm_and_steps(
+        100,
+        restarts=integer(1, 1, 100),
+        n_target_classes=integer(9, 1, 1000),
+        alpha_max=real(0.1, 0.0, 1.0),
+        eta=span(1.05, 1.0, 10.0),
+        beta=real(0.9, 0.0, 1.0),
+    )
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it

@@ -13,14 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import RunOutput, expect_bool, expect_int
+from gauntlet.workers.attacks.base import NORM, RunOutput
 from gauntlet.workers.attacks.norms import Norm, get_norm
-from gauntlet.workers.attacks.pgd import PGD
+from gauntlet.workers.attacks.pgd import PGD, pgd_family
 from gauntlet.workers.attacks.registry import register_attack
-from gauntlet.workers.attacks.targets import expect_range, expect_target, pick_targets, reached
+from gauntlet.workers.attacks.targets import TARGET, pick_targets, reached
+from gauntlet.workers.hyperparams import Hyper, flag, span
 
 # A zero gradient (saturated softmax) must give a zero momentum update, not NaN.
 _TINY = 1e-12
+
+
+def _open_unit(name: str, value) -> float:
+    # Open at both ends: 0 is FGSM (registered as such), 1 leaves no gradient step.
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and 0.0 < value < 1.0):
+        raise GauntletError(f"Expected `{name}` to be a float in (0, 1), but got {value!r}")
+    return float(value)
 
 
 def iterate(
@@ -105,23 +114,13 @@ class BIM(PGD):
 
     name = "bim"
 
-    def __init__(
-        self,
-        *,
-        norm: str | None = None,
-        steps: int = 10,
-        rel_stepsize: float | None = None,
-        targeted: bool = False,
-        target: str = "random",
-    ) -> None:
-        steps = expect_int("steps", steps, 1, 10_000)
-        if rel_stepsize is None:
-            rel_stepsize = 1.25 / steps
-        super().__init__(
-            norm=norm, steps=steps, rel_stepsize=rel_stepsize, restarts=1, random_start=False
-        )
-        self.targeted = expect_bool("targeted", targeted)
-        self.target = expect_target("target", target)
+    hyperparams = pgd_family(10, targeted=flag(False), target=TARGET)
+
+    def prepare(self) -> None:
+        if self.rel_stepsize is None:
+            self.rel_stepsize = 1.25 / self.steps
+        self.restarts, self.random_start = 1, False
+        super().prepare()
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         if not self.targeted:
@@ -156,23 +155,12 @@ class MIFGSM(BIM):
 
     name = "mi-fgsm"
 
-    def __init__(
-        self,
-        *,
-        norm: str | None = None,
-        steps: int = 10,
-        rel_stepsize: float | None = None,
-        momentum: float = 1.0,
-        targeted: bool = False,
-        target: str = "random",
-    ) -> None:
-        steps = expect_int("steps", steps, 1, 10_000)
-        if rel_stepsize is None:
-            rel_stepsize = 1.0 / steps
-        super().__init__(
-            norm=norm, steps=steps, rel_stepsize=rel_stepsize, targeted=targeted, target=target
-        )
-        self.momentum = expect_range("momentum", momentum, 0.0, 10.0, open_high=False)
+    hyperparams = pgd_family(10, momentum=span(1.0, 0.0, 10.0), targeted=flag(False), target=TARGET)
+
+    def prepare(self) -> None:
+        if self.rel_stepsize is None:
+            self.rel_stepsize = 1.0 / self.steps
+        super().prepare()
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         return self._iterate(
@@ -186,19 +174,11 @@ class PGDTargeted(PGD):
 
     name = "pgd-targeted"
 
-    def __init__(
-        self,
-        *,
-        norm: str | None = None,
-        steps: int = 40,
-        rel_stepsize: float | None = None,
-        random_start: bool = True,
-        target: str = "random",
-    ) -> None:
-        super().__init__(
-            norm=norm, steps=steps, rel_stepsize=rel_stepsize, random_start=random_start
-        )
-        self.target = expect_target("target", target)
+    hyperparams = pgd_family(40, random_start=flag(True), target=TARGET)
+
+    def prepare(self) -> None:
+        self.restarts = 1
+        super().prepare()
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None
@@ -235,15 +215,12 @@ class RFGSM(PGD):
 
     name = "r-fgsm"
 
-    def __init__(self, *, norm: str | None = None, rel_alpha: float = 0.5) -> None:
-        # Open at both ends: 0 is FGSM (registered as such), 1 leaves no gradient step.
-        number = isinstance(rel_alpha, (int, float)) and not isinstance(rel_alpha, bool)
-        if not (number and 0.0 < rel_alpha < 1.0):
-            raise GauntletError(
-                f"Expected `rel_alpha` to be a float in (0, 1), but got {rel_alpha!r}"
-            )
-        super().__init__(norm=norm, steps=1, rel_stepsize=1.0 - rel_alpha, random_start=False)
-        self.rel_alpha = float(rel_alpha)
+    hyperparams = {"norm": NORM, "rel_alpha": Hyper(0.5, _open_unit)}
+
+    def prepare(self) -> None:
+        self.steps, self.rel_stepsize = 1, 1.0 - self.rel_alpha
+        self.restarts, self.random_start = 1, False
+        super().prepare()
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None

@@ -14,16 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import (
-    Attack,
-    RunOutput,
-    expect_float,
-    expect_int,
-    keyword_config,
-)
+from gauntlet.workers.attacks.base import Attack, RunOutput
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
 from gauntlet.workers.attacks.square import margin
+from gauntlet.workers.hyperparams import expect_int, integer, one_of, optional, real
 
 _LOSSES = ("margin", "ce")
 # Inputs per forward pass of the estimator (in values, not images): bounds its memory
@@ -84,34 +79,22 @@ class NES(Attack):
     name = "nes"
     black_box = True
 
-    def __init__(
-        self,
-        *,
-        samples: int = 50,
-        sigma: float = 0.001,
-        queries: int = 10_000,
-        steps: int | None = None,
-        rel_stepsize: float | None = None,
-        loss: str = "margin",
-    ) -> None:
-        self.samples = expect_int("samples", samples, 2, 100_000)
+    hyperparams = {
+        "samples": integer(50, 2, 100_000),
+        "sigma": real(0.001, 0.0, 1.0),
+        "queries": integer(10_000, 1, 10_000_000),
+        "steps": optional(integer(1, 1, 100_000)),
+        "rel_stepsize": optional(real(None, 0.0, 10.0)),
+        "loss": one_of("margin", _LOSSES),
+    }
+
+    def prepare(self) -> None:
         if self.samples % 2:
             raise GauntletError(
-                f"Expected `samples` to be even (antithetic pairs), but got {samples!r}"
+                f"Expected `samples` to be even (antithetic pairs), but got {self.samples!r}"
             )
-        self.sigma = expect_float("sigma", sigma, 0.0, 1.0)
-        self.queries = expect_int("queries", queries, self.samples + 1, 10_000_000)
-        if steps is not None:
-            steps = expect_int("steps", steps, 1, 100_000)
-        self.steps = steps
-        if rel_stepsize is not None:
-            rel_stepsize = expect_float("rel_stepsize", rel_stepsize, 0.0, 10.0)
-        self.rel_stepsize = rel_stepsize
-        if loss not in _LOSSES:
-            raise GauntletError(f"Expected `loss` to be 'margin' or 'ce', but got {loss!r}")
-        self.loss = loss
-
-    config = keyword_config
+        # A budget must pay for at least one estimate and the check after its step.
+        expect_int("queries", self.queries, self.samples + 1, 10_000_000)
 
     @property
     def effective_steps(self) -> int:

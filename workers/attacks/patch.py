@@ -15,16 +15,11 @@ from __future__ import annotations
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import (
-    Attack,
-    RunOutput,
-    expect_float,
-    expect_int,
-    keyword_config,
-)
+from gauntlet.workers.attacks.base import Attack, RunOutput
 from gauntlet.workers.attacks.registry import register_attack
 from gauntlet.workers.attacks.square import put_windows, random_windows
 from gauntlet.workers.attacks.universal import ascend_epochs, fit_points_subset
+from gauntlet.workers.hyperparams import integer, real
 
 
 def patch_side(size: float, height: int, width: int) -> int:
@@ -54,22 +49,16 @@ class Patch(Attack):
     needs_train_data = True
     unbounded = True
 
-    def __init__(
-        self,
-        *,
-        size: float = 0.25,
-        fit_points: int = 500,
-        epochs: int = 10,
-        step_size: float = 0.05,
-    ) -> None:
-        self.size = expect_float("size", size, 0.0, 1.0)
-        self.fit_points = expect_int("fit_points", fit_points, 1, 1_000_000)
-        self.epochs = expect_int("epochs", epochs, 1, 10_000)
-        self.step_size = expect_float("step_size", step_size, 0.0, 1.0)
+    hyperparams = {
+        "size": real(0.25, 0.0, 1.0),
+        "fit_points": integer(500, 1, 1_000_000),
+        "epochs": integer(10, 1, 10_000),
+        "step_size": real(0.05, 0.0, 1.0),
+    }
+
+    def prepare(self) -> None:
         # The fitted patch, (C, s, s) in [0, 1].
         self.patch: torch.Tensor | None = None
-
-    config = keyword_config
 
     def fit(self, model, x, y, threat, generator) -> None:
         _, c, h, w = x.shape
@@ -119,20 +108,21 @@ class Patch(Attack):
             parts.append(model(pasted).argmax(dim=1) == y[i : i + 1024])
         return torch.cat(parts)
 
-    def __call__(self, model, x, y, threat=None, **kwargs):
-        if self.patch is None:
-            raise GauntletError(f"{self!r} must be fitted on training data before it is run")
+    def is_fitted(self) -> bool:
+        return self.patch is not None
+
+    def check_inputs(self, x, threat) -> None:
+        assert self.patch is not None  # the base checked is_fitted first
         c, s = self.patch.shape[0], self.patch.shape[-1]
-        if x.dim() == 4 and (x.shape[1] != c or min(x.shape[2:]) < s):
+        if x.shape[1] != c or min(x.shape[2:]) < s:
             raise GauntletError(
                 f"{self!r} holds a {c}-channel patch of side {s}, "
                 f"which does not fit images of shape {tuple(x.shape[1:])}"
             )
-        return super().__call__(model, x, y, threat, **kwargs)
 
     @torch.no_grad()
     def run(self, model, x, y, threat, generator) -> RunOutput:
-        assert self.patch is not None  # __call__ checked it
+        assert self.patch is not None  # the base checked is_fitted
         patch = self.patch.to(x.device, x.dtype)
         _, _, h, w = x.shape
         top, left = random_windows(len(x), h, w, patch.shape[-1], generator, x.device)

@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import (
-    Attack,
-    RunOutput,
-    expect_bool,
-    expect_float,
-    expect_int,
-    expect_norm,
-    keyword_config,
-)
+from gauntlet.workers.attacks.base import NORM, Attack, RunOutput, norm_and_steps
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.hyperparams import Hyper, flag, integer, optional, real
+
+
+def pgd_family(steps: int, **extra: Hyper) -> dict[str, Hyper]:
+    """The PGD family's table: the norm, a step count and a step relative to eps (None:
+    derived from the step count in ``prepare``, each attack by its paper's rule), then
+    the attack's own ``extra`` hyperparameters, in that order."""
+    return norm_and_steps(steps, rel_stepsize=optional(real(None, 0.0, 10.0)), **extra)
 
 
 @register_attack
@@ -38,27 +38,14 @@ class PGD(Attack):
 
     name = "pgd"
 
-    def __init__(
-        self,
-        *,
-        norm: str | None = None,
-        steps: int = 40,
-        rel_stepsize: float | None = None,
-        restarts: int = 1,
-        random_start: bool = True,
-    ) -> None:
-        self.norm = expect_norm("norm", norm)
-        self.steps = expect_int("steps", steps, 1, 10_000)
-        if rel_stepsize is None:
-            rel_stepsize = 2.5 / self.steps
-        self.rel_stepsize = expect_float("rel_stepsize", rel_stepsize, 0.0, 10.0)
-        self.restarts = expect_int("restarts", restarts, 1, 100)
-        self.random_start = expect_bool("random_start", random_start)
+    hyperparams = pgd_family(40, restarts=integer(1, 1, 100), random_start=flag(True))
+
+    def prepare(self) -> None:
+        if self.rel_stepsize is None:
+            self.rel_stepsize = 2.5 / self.steps
         if self.restarts > 1 and not self.random_start:
             # Without a random start every restart would retrace the same path.
             raise GauntletError("Expected `random_start` to be true when `restarts` > 1")
-
-    config = keyword_config
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it
@@ -131,5 +118,7 @@ class FGSM(PGD):
 
     name = "fgsm"
 
-    def __init__(self, *, norm: str | None = None) -> None:
-        super().__init__(norm=norm, steps=1, rel_stepsize=1.0, restarts=1, random_start=False)
+    hyperparams = {"norm": NORM}
+
+    def prepare(self) -> None:
+        self.steps, self.rel_stepsize, self.restarts, self.random_start = 1, 1.0, 1, False

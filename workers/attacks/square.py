@@ -15,15 +15,9 @@ import math
 
 import torch
 
-from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import (
-    Attack,
-    RunOutput,
-    expect_float,
-    expect_int,
-    keyword_config,
-)
+from gauntlet.workers.attacks.base import Attack, RunOutput
 from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.hyperparams import integer, one_of, real
 
 # (iteration bound on a 10,000-query scale, divisor of p_init): the paper's schedule.
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64))
@@ -134,17 +128,12 @@ class Square(Attack):
     name = "square"
     black_box = True
 
-    def __init__(
-        self, *, queries: int = 5000, p_init: float = 0.8, restarts: int = 1, loss: str = "margin"
-    ) -> None:
-        self.queries = expect_int("queries", queries, 1, 1_000_000)
-        self.p_init = expect_float("p_init", p_init, 0.0, 1.0)
-        self.restarts = expect_int("restarts", restarts, 1, 100)
-        if loss not in _LOSSES:
-            raise GauntletError(f"Expected `loss` to be 'margin' or 'ce', but got {loss!r}")
-        self.loss = loss
-
-    config = keyword_config
+    hyperparams = {
+        "queries": integer(5000, 1, 1_000_000),
+        "p_init": real(0.8, 0.0, 1.0),
+        "restarts": integer(1, 1, 100),
+        "loss": one_of("margin", _LOSSES),
+    }
 
     def _query(self, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to minimise, misclassified) from one forward pass."""

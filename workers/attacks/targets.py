@@ -1,4 +1,4 @@
-"""Target classes for targeted attacks, and the parameter checks they share.
+"""Target classes for targeted attacks, and the ``target`` hyperparameter they share.
 
 A targeted attack needs one class per example other than its label. Three common
 choices: "random" (Carlini & Wagner 2017: the usual one for evaluations), "least-likely"
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers.hyperparams import Hyper
 
 TARGET_MODES = ("random", "least-likely", "next")
 
@@ -25,19 +26,8 @@ def expect_target(name: str, value: Any) -> str:
     return value
 
 
-def expect_range(name: str, value: Any, low: float, high: float, *, open_high: bool) -> float:
-    """A float in [low, high] or [low, high): ranges ``expect_float``'s (low, high] misses.
-
-    Momentum 0 (plain BIM) and confidence 0 (the CW default) are meaningful values.
-    """
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    inside = ok and low <= value and (value < high if open_high else value <= high)
-    if not inside:  # NaN fails both comparisons and lands here too
-        bracket = ")" if open_high else "]"
-        raise GauntletError(
-            f"Expected `{name}` to be a float in [{low:g}, {high:g}{bracket}, but got {value!r}"
-        )
-    return float(value)
+# The ``target`` hyperparameter of targeted attacks.
+TARGET = Hyper("random", expect_target)
 
 
 def choose_targets(

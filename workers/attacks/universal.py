@@ -20,13 +20,11 @@ from gauntlet.workers.attacks.base import (
     RunOutput,
     Threat,
     check_threat,
-    expect_float,
-    expect_int,
-    keyword_config,
 )
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
 from gauntlet.workers.attacks.square import margin
+from gauntlet.workers.hyperparams import integer, real
 
 # Minibatch of training points per step: small enough for many steps per epoch on a
 # few hundred points, large enough for the mean gradient to generalise.
@@ -114,17 +112,16 @@ class Universal(Attack):
     name = "universal"
     needs_train_data = True
 
-    def __init__(
-        self, *, fit_points: int = 500, epochs: int = 10, rel_stepsize: float = 0.05
-    ) -> None:
-        self.fit_points = expect_int("fit_points", fit_points, 1, 1_000_000)
-        self.epochs = expect_int("epochs", epochs, 1, 10_000)
-        self.rel_stepsize = expect_float("rel_stepsize", rel_stepsize, 0.0, 10.0)
+    hyperparams = {
+        "fit_points": integer(500, 1, 1_000_000),
+        "epochs": integer(10, 1, 10_000),
+        "rel_stepsize": real(0.05, 0.0, 10.0),
+    }
+
+    def prepare(self) -> None:
         # The fitted perturbation (1, C, H, W) and the threat it was fitted for.
         self.delta: torch.Tensor | None = None
         self.fitted_threat: Threat | None = None
-
-    config = keyword_config
 
     def fit(self, model, x, y, threat, generator) -> None:
         if threat is None:
@@ -162,10 +159,12 @@ class Universal(Attack):
         ]
         return torch.cat(parts)
 
-    def __call__(self, model, x, y, threat, **kwargs):
-        if self.delta is None:
-            raise GauntletError(f"{self!r} must be fitted on training data before it is run")
-        if threat is not None and threat != self.fitted_threat:
+    def is_fitted(self) -> bool:
+        return self.delta is not None
+
+    def check_inputs(self, x, threat) -> None:
+        assert self.delta is not None  # the base checked is_fitted first
+        if threat != self.fitted_threat:
             raise GauntletError(
                 f"{self!r} was fitted for {self.fitted_threat}, but the threat is {threat}"
             )
@@ -174,11 +173,10 @@ class Universal(Attack):
                 f"{self!r} was fitted on images of shape {tuple(self.delta.shape[1:])}, "
                 f"but got {tuple(x.shape[1:])}"
             )
-        return super().__call__(model, x, y, threat, **kwargs)
 
     @torch.no_grad()
     def run(self, model, x, y, threat, generator) -> RunOutput:
-        assert self.delta is not None  # __call__ checked it
+        assert self.delta is not None  # the base checked is_fitted
         # Clipping to [0, 1] moves each pixel towards x, so the result stays in the ball.
         x_adv = (x + self.delta.to(x.device, x.dtype)).clamp(0.0, 1.0)
         fooled = model(x_adv).argmax(dim=1) != y

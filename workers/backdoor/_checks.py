@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import expect_float, expect_int
+from gauntlet.workers.hyperparams import expect_float, expect_int
 from gauntlet.workers.models import Normalized
 
 __all__ = [

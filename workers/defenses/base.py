@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gauntlet.workers.hyperparams import Hyper, reads_hyperparams, set_hyperparams, table_config
 from gauntlet.workers.registry import Registry, configure
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
@@ -40,13 +41,21 @@ class Defense(torch.nn.Module):
     # accepts, and a rejected adversarial input counts as a defended one.
     rejects: ClassVar[bool] = False
 
-    def __init__(self, model: torch.nn.Module | None = None):
+    hyperparams: ClassVar[Mapping[str, Hyper]] = {}
+
+    @reads_hyperparams
+    def __init__(self, model: torch.nn.Module | None = None, **params: Any):
         super().__init__()
         self.model = model
+        set_hyperparams(self, params)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """Derived values and state, after each hyperparameter's own check."""
 
     def config(self) -> dict[str, Any]:
         """The hyperparameters: the source of ``repr`` and part of the job key."""
-        return {}
+        return table_config(self)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         """The input transformation, on images in [0, 1]."""

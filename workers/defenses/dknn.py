@@ -15,14 +15,13 @@ and kept as the defense's artifact.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import expect_float, expect_int
 from gauntlet.workers.defenses.base import Defense, register_defense
 from gauntlet.workers.defenses.dknn_index import DEFAULT_CALIBRATION, DEFAULT_K, DeepKNN
+from gauntlet.workers.hyperparams import integer, real
 
 
 @register_defense
@@ -39,32 +38,16 @@ class DkNN(Defense):
     fit_uses_model = True
     rejects = True
 
-    def __init__(
-        self,
-        model=None,
-        *,
-        k: int = DEFAULT_K,
-        calibration_size: int = DEFAULT_CALIBRATION,
-        index_size: int = 10_000,
-        threshold: float = 0.1,
-        seed: int = 0,
-    ):
-        super().__init__(model)
-        self.k = expect_int("k", k, 1, 10_000)
-        self.calibration_size = expect_int("calibration_size", calibration_size, 1, 1_000_000)
-        self.index_size = expect_int("index_size", index_size, 1, 10_000_000)
-        self.threshold = expect_float("threshold", threshold, 0.0, 1.0)
-        self.seed = expect_int("seed", seed, 0)
-        self.knn: DeepKNN | None = None
+    hyperparams = {
+        "k": integer(DEFAULT_K, 1, 10_000),
+        "calibration_size": integer(DEFAULT_CALIBRATION, 1, 1_000_000),
+        "index_size": integer(10_000, 1, 10_000_000),
+        "threshold": real(0.1, 0.0, 1.0),
+        "seed": integer(0, 0),
+    }
 
-    def config(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "calibration_size": self.calibration_size,
-            "index_size": self.index_size,
-            "threshold": self.threshold,
-            "seed": self.seed,
-        }
+    def prepare(self) -> None:
+        self.knn: DeepKNN | None = None
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -10,14 +10,13 @@ attacks use BPDA (Athalye et al. 2018 broke it that way).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import expect_int
 from gauntlet.workers.defenses.base import Defense, register_defense
+from gauntlet.workers.hyperparams import integer
 
 # Query tiles per torch.cdist call: bounds memory at chunk * database_size floats.
 _CHUNK = 2048
@@ -63,22 +62,14 @@ class Quilting(Defense):
     differentiable = False
     needs_fit = True
 
-    def __init__(
-        self,
-        model=None,
-        *,
-        patch: int = 3,
-        database_size: int = 5000,
-        seed: int = 0,
-    ):
-        super().__init__(model)
-        self.patch = expect_int("patch", patch, 1, 32)
-        self.database_size = expect_int("database_size", database_size, 1, 1_000_000)
-        self.seed = expect_int("seed", seed, 0)
-        self._database: torch.Tensor | None = None
+    hyperparams = {
+        "patch": integer(3, 1, 32),
+        "database_size": integer(5000, 1, 1_000_000),
+        "seed": integer(0, 0),
+    }
 
-    def config(self) -> dict[str, Any]:
-        return {"patch": self.patch, "database_size": self.database_size, "seed": self.seed}
+    def prepare(self) -> None:
+        self._database: torch.Tensor | None = None
 
     def fit(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self._database = patch_database(x.cpu(), self.patch, self.database_size, self.seed)

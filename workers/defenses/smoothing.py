@@ -8,17 +8,20 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import expect_float, expect_int
 from gauntlet.workers.defenses.base import Defense, register_defense
+from gauntlet.workers.hyperparams import Hyper, expect_int, integer, real
 
 MAX_KERNEL = 31
 
 
-def _odd_kernel(kernel: Any) -> int:
-    kernel = expect_int("kernel", kernel, 1, MAX_KERNEL)
+def _odd_kernel(name: str, kernel: Any) -> int:
+    kernel = expect_int(name, kernel, 1, MAX_KERNEL)
     if kernel % 2 == 0:
-        raise GauntletError(f"Expected `kernel` to be odd, but got {kernel}")
+        raise GauntletError(f"Expected `{name}` to be odd, but got {kernel}")
     return kernel
+
+
+ODD_KERNEL = Hyper(3, _odd_kernel)
 
 
 def _reflect_pad(x: torch.Tensor, kernel: int, defense: str) -> torch.Tensor:
@@ -52,16 +55,12 @@ class GaussianBlur(Defense):
 
     name = "gaussian-blur"
 
-    def __init__(self, model=None, *, sigma: float = 1.0, kernel: int = 3):
-        super().__init__(model)
-        self.sigma = expect_float("sigma", sigma, 0.0, 10.0)
-        self.kernel = _odd_kernel(kernel)
+    hyperparams = {"sigma": real(1.0, 0.0, 10.0), "kernel": ODD_KERNEL}
+
+    def prepare(self) -> None:
         g = gaussian_kernel_1d(self.sigma, self.kernel)
         # A buffer, not a parameter: it moves with .to(device) and is never trained.
         self.register_buffer("weight", torch.outer(g, g).float(), persistent=False)
-
-    def config(self):
-        return {"sigma": self.sigma, "kernel": self.kernel}
 
     def transform(self, x):
         channels = x.shape[1]
@@ -82,12 +81,7 @@ class Median(Defense):
     name = "median"
     differentiable = False
 
-    def __init__(self, model=None, *, kernel: int = 3):
-        super().__init__(model)
-        self.kernel = _odd_kernel(kernel)
-
-    def config(self):
-        return {"kernel": self.kernel}
+    hyperparams = {"kernel": ODD_KERNEL}
 
     @torch.no_grad()
     def transform(self, x):
@@ -132,13 +126,7 @@ class TotalVariation(Defense):
     # Chambolle proves convergence for tau <= 1/8; 1/4 is the usual, faster choice in 2-D.
     TAU = 0.25
 
-    def __init__(self, model=None, *, weight: float = 0.03, steps: int = 30):
-        super().__init__(model)
-        self.weight = expect_float("weight", weight, 0.0, 10.0)
-        self.steps = expect_int("steps", steps, 1, 1000)
-
-    def config(self):
-        return {"weight": self.weight, "steps": self.steps}
+    hyperparams = {"weight": real(0.03, 0.0, 10.0), "steps": integer(30, 1, 1000)}
 
     @torch.no_grad()
     def transform(self, x):

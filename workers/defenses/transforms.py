@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import expect_float, expect_int
 from gauntlet.workers.defenses.base import Defense, register_defense
+from gauntlet.workers.hyperparams import integer, real
 
 
 def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
@@ -33,12 +33,7 @@ class BitDepth(Defense):
     name = "bit-depth"
     differentiable = False
 
-    def __init__(self, model=None, *, bits: int = 3):
-        super().__init__(model)
-        self.bits = expect_int("bits", bits, 1, 8)
-
-    def config(self):
-        return {"bits": self.bits}
+    hyperparams = {"bits": integer(3, 1, 8)}
 
     def transform(self, x):
         levels = 2**self.bits - 1
@@ -52,12 +47,7 @@ class JPEG(Defense):
     name = "jpeg"
     differentiable = False
 
-    def __init__(self, model=None, *, quality: int = 75):
-        super().__init__(model)
-        self.quality = expect_int("quality", quality, 1, 100)
-
-    def config(self):
-        return {"quality": self.quality}
+    hyperparams = {"quality": integer(75, 1, 100)}
 
     def transform(self, x):
         return jpeg_round_trip(x, self.quality)
@@ -78,12 +68,7 @@ class RandomResizePad(Defense):
     name = "random-resize-pad"
     randomized = True
 
-    def __init__(self, model=None, *, max_scale: float = 1.15):
-        super().__init__(model)
-        self.max_scale = expect_float("max_scale", max_scale, 1.0, 4.0)
-
-    def config(self):
-        return {"max_scale": self.max_scale}
+    hyperparams = {"max_scale": real(1.15, 1.0, 4.0)}
 
     def transform(self, x):
         n = x.shape[0]
@@ -111,12 +96,7 @@ class GaussianNoise(Defense):
     name = "gaussian-noise"
     randomized = True
 
-    def __init__(self, model=None, *, sigma: float = 0.1):
-        super().__init__(model)
-        self.sigma = expect_float("sigma", sigma, 0.0, 1.0)
-
-    def config(self):
-        return {"sigma": self.sigma}
+    hyperparams = {"sigma": real(0.1, 0.0, 1.0)}
 
     def transform(self, x):
         return (x + self.sigma * torch.randn_like(x)).clamp(0.0, 1.0)

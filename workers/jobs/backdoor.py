@@ -22,7 +22,6 @@ a model that never saw it. Every number is measured on the job's evaluation subs
 from __future__ import annotations
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import expect_bool, expect_float, expect_int
 from gauntlet.workers.backdoor import (
     MODES,
     amplify_backdoor,
@@ -40,6 +39,7 @@ from gauntlet.workers.backdoor import (
     trigger_drop_metrics,
 )
 from gauntlet.workers.context import JobContext
+from gauntlet.workers.hyperparams import expect_bool, expect_float, expect_int
 from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec
 from gauntlet.workers.results import JobResult, Metric

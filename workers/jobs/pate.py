@@ -19,13 +19,13 @@ import torch
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers import privacy
-from gauntlet.workers.attacks.base import expect_bool, expect_float, expect_int
 from gauntlet.workers.backdoor import backdoor_labels, build_trigger, train_backdoored
 from gauntlet.workers.backdoor.metrics import predict, rate_metric
 from gauntlet.workers.backdoor.training import frozen
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.fanout import run_parallel
+from gauntlet.workers.hyperparams import expect_bool, expect_float, expect_int
 from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec
 from gauntlet.workers.privacy import aggregation

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import expect_float, expect_int
 from gauntlet.workers.attacks.pgd import PGD
 from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
+from gauntlet.workers.hyperparams import expect_float, expect_int
 from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec, save_classifier
 from gauntlet.workers.results import JobResult, Metric
