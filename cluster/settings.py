@@ -26,7 +26,18 @@ ENVIRONMENT = {
     "GAUNTLET_LEASE_SECONDS": "job lease; a job idle past it is reclaimed (default 60)",
     "GAUNTLET_MAX_DELIVERIES": "deliveries before a job goes to the dead-letter stream (default 3)",
     "GAUNTLET_MAX_IN_FLIGHT": "Ray tasks one scheduler keeps running at once (default 4)",
+    "GAUNTLET_MAX_WEIGHTS_BYTES": "largest weights file a submission may send (default 2 GiB)",
+    "GAUNTLET_MAX_PARAMETERS": "most parameters an architecture may have (default 500 million)",
+    "GAUNTLET_MAX_JOB_WORK": "most steps x restarts x EOT samples x budgets x points per job "
+    "(default 10^9)",
+    "GAUNTLET_MAX_PATE_TEACHERS": "most teachers a PATE job may train (default 1000)",
 }
+
+# The caps' defaults, named once: the dataclass, ``from_env`` and the README agree on them.
+MAX_WEIGHTS_BYTES = 2 * 1024**3
+MAX_PARAMETERS = 500_000_000
+MAX_JOB_WORK = 1_000_000_000
+MAX_PATE_TEACHERS = 1000
 
 
 def _number(env: Mapping[str, str], name: str, default: float, kind: type = float):
@@ -54,6 +65,13 @@ class Settings:
     lease_seconds: float = 60.0
     max_deliveries: int = 3
     max_in_flight: int = 4
+    # Caps on what one submission may ask for: each is checked before the work it bounds
+    # starts (reading the file, building the network, queueing the job), so a careless or
+    # hostile request fails at once with a message instead of exhausting a worker.
+    max_weights_bytes: int = MAX_WEIGHTS_BYTES
+    max_parameters: int = MAX_PARAMETERS
+    max_job_work: int = MAX_JOB_WORK
+    max_pate_teachers: int = MAX_PATE_TEACHERS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -70,6 +88,10 @@ class Settings:
             lease_seconds=_number(env, "GAUNTLET_LEASE_SECONDS", 60.0),
             max_deliveries=_number(env, "GAUNTLET_MAX_DELIVERIES", 3, int),
             max_in_flight=_number(env, "GAUNTLET_MAX_IN_FLIGHT", 4, int),
+            max_weights_bytes=_number(env, "GAUNTLET_MAX_WEIGHTS_BYTES", MAX_WEIGHTS_BYTES, int),
+            max_parameters=_number(env, "GAUNTLET_MAX_PARAMETERS", MAX_PARAMETERS, int),
+            max_job_work=_number(env, "GAUNTLET_MAX_JOB_WORK", MAX_JOB_WORK, int),
+            max_pate_teachers=_number(env, "GAUNTLET_MAX_PATE_TEACHERS", MAX_PATE_TEACHERS, int),
         )
 
     @property

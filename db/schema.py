@@ -3,8 +3,8 @@
 The same tables run on SQLite (the embedded default) and PostgreSQL (the cluster), so
 everything here is portable: enums are strings with a CHECK constraint, JSON is the
 generic JSON type, and timestamps go through ``UTCDateTime`` so that lease expiry
-compares the same way on both backends. Migration ``0001_initial`` creates exactly
-these tables; a test keeps the two in step.
+compares the same way on both backends. The migrations (``0001_initial`` and the
+later ones) create exactly these tables; a test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Lineage: a training-time defense produces a new model derived from this one.
     parent_id: Mapped[str | None] = mapped_column(sa.ForeignKey("models.id"))
+    # What the service did to the submission, e.g. "weights converted from float16 to
+    # float32", so the leaderboard's number is not mistaken for the file's own precision.
+    note: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class Job(Base):
@@ -119,7 +122,8 @@ class Job(Base):
     job_key: Mapped[str] = mapped_column(sa.String(64))
     model_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id"))
     kind: Mapped[str] = mapped_column(sa.String(32))
-    suite: Mapped[str | None] = mapped_column(sa.String(100))
+    # 200, like every user-given name (a suite may be a path to the user's YAML file).
+    suite: Mapped[str | None] = mapped_column(sa.String(200))
     spec: Mapped[dict[str, Any]]
     # Denormalised from the spec so the leaderboard can group in SQL.
     dataset: Mapped[str] = mapped_column(sa.String(100))
@@ -135,6 +139,8 @@ class Job(Base):
         JOB_STATUS_TYPE, default=JobStatus.queued, server_default=JobStatus.queued.value
     )
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    # The job's own transient failures (as opposed to deliveries of its stream entry).
+    failures: Mapped[int] = mapped_column(default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(sa.String(200))
     lease_expires_at: Mapped[datetime | None]
     # Set once the job id is on the Redis stream; NULL means it still needs enqueueing.

@@ -9,8 +9,16 @@ reclaims once it has been idle past the lease.
 
 Failures: permanent ones (``JobFailure.permanent``) fail the job at once; transient
 ones put it back to ``queued`` and leave the entry unacknowledged, so a reaper retries
-it after the lease (the back-off); its last allowed delivery that still fails moves it
-to the dead-letter stream.
+it after the lease (the back-off). Only the job's own failures count against its
+retries (``jobs.failures``, see ``attempts``); the failure that reaches the limit fails
+it and moves its entry to the dead-letter stream. A scheduler that dies costs the job a
+delivery, never a retry: deliveries only matter at a high safety net.
+
+Nothing one entry does may stop the loop: an error while starting a job, storing its
+result or registering what it produced fails that job with the error stored (or leaves
+the entry to be retried, when the database or Redis itself is unreachable), and the
+loop goes on. SQL is the source of truth; the reconciler (``reconcile``) gives every
+waiting job that lost its stream entry a new one, at start and once per lease period.
 """
 
 from __future__ import annotations
@@ -24,9 +32,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from gauntlet.scheduler import lifecycle
+import redis
+import sqlalchemy as sa
+
+from gauntlet.scheduler import attempts, lifecycle
 from gauntlet.scheduler.executors import Executor, Handle
 from gauntlet.scheduler.queue import Entry, JobQueue
+from gauntlet.scheduler.reconcile import Reconciler, unfinished
 from gauntlet.workers.jobs import job_kind
 from gauntlet.workers.results import JobFailure, JobResult
 
@@ -67,6 +79,9 @@ class Dispatcher:
         consumer: str | None = None,
         progress_prefix: str | None = None,
         on_event: Callable[[str, int, str], None] | None = None,
+        max_failures: int | None = None,
+        delivery_limit: int = attempts.DELIVERY_SAFETY_NET,
+        reconcile: bool = True,
     ):
         self.engine = engine
         self.queue = queue
@@ -77,6 +92,13 @@ class Dispatcher:
         self.consumer = consumer or consumer_name()
         self.progress_prefix = progress_prefix
         self.on_event = on_event
+        # A job's own transient failures it may have; the setting that used to bound
+        # deliveries now bounds these.
+        self.max_failures = max_failures or queue.max_deliveries
+        self.delivery_limit = max(delivery_limit, self.max_failures)
+        self.reconciler = (
+            Reconciler(engine, queue, every_seconds=lease_seconds) if reconcile else None
+        )
         self.running: dict[int, _Running] = {}
         self.stats = Stats()
         self._max_gpus = executor.max_gpus()
@@ -96,18 +118,25 @@ class Dispatcher:
 
     def handle_entry(self, entry: Entry) -> None:
         """Decide what one delivered entry means: run it, drop it, or leave it pending."""
-        job = lifecycle.get_job(self.engine, entry.job_id)
-        if job is None or job["status"] in (lifecycle.JobStatus.done, lifecycle.JobStatus.failed):
-            if job is not None and job["kind"] == "train":
-                from gauntlet.scheduler.train import register_derived
+        try:
+            self._handle_entry(entry)
+        except Exception as exc:  # noqa: BLE001 - one entry must never stop the loop
+            self._entry_error(entry, "could not start the job", exc)
 
-                register_derived(self.engine, self.queue, job["id"])  # idempotent
+    def _handle_entry(self, entry: Entry) -> None:
+        job = lifecycle.get_job(self.engine, entry.job_id)
+        if job is None:
+            self._dead_letter(entry, f"no job {entry.job_id} in the database")
+            return
+        if job["status"] in (lifecycle.JobStatus.done, lifecycle.JobStatus.failed):
+            if job["status"] == lifecycle.JobStatus.done and job["kind"] == "train":
+                self._register_derived(job["id"])  # idempotent
             self.queue.ack(entry.entry_id)  # finished already: a duplicate or stale delivery
             self.stats.skipped += 1
             return
         if job["status"] == lifecycle.JobStatus.running and _lease_alive(job):
             return  # a live replica holds it; it acknowledges the entry when it finishes
-        if self.queue.over_limit(entry):
+        if entry.deliveries > self.delivery_limit:
             self._dead_letter(entry, f"delivered {entry.deliveries} times without finishing")
             return
         claim = lifecycle.claim(self.engine, entry.job_id, self.consumer, self.lease_seconds)
@@ -167,7 +196,10 @@ class Dispatcher:
         ready = self.executor.ready(handles, timeout)
         for handle in ready:
             running = self.running.pop(handle.job_id)
-            self._finish(running, self.executor.outcome(handle))
+            try:
+                self._finish(running, self.executor.outcome(handle))
+            except Exception as exc:  # noqa: BLE001 - one result must never stop the loop
+                self._entry_error(running.entry, "could not store the result", exc)
         return len(ready)
 
     def _finish(self, running: _Running, outcome: JobResult | JobFailure) -> None:
@@ -177,9 +209,9 @@ class Dispatcher:
                 if outcome.details.get("derived_weights_sha256"):
                     # Before the ack: a crash here leaves the entry to be redelivered,
                     # and registering the same derived model again changes nothing.
-                    from gauntlet.scheduler.train import register_derived
-
-                    register_derived(self.engine, self.queue, job_id)
+                    if not self._register_derived(job_id):
+                        self.queue.ack(entry.entry_id)
+                        return
                 self.queue.ack(entry.entry_id)
                 self.stats.done += 1
                 self._event("done", job_id)
@@ -195,25 +227,83 @@ class Dispatcher:
                 self.stats.failed += 1
                 self._event("failed", job_id, outcome.message)
             return
-        if self.queue.over_limit(Entry(entry.entry_id, job_id, entry.deliveries + 1)):
-            message = f"gave up after {entry.deliveries} deliveries: {outcome.message}"
-            if lifecycle.fail(self.engine, job_id, self.consumer, attempt, message, permanent=True):
-                self.queue.dead_letter(entry, outcome.message)
-                self.stats.dead += 1
-                self._event("dead", job_id, message)
+        counted = attempts.record_failure(
+            self.engine,
+            job_id,
+            self.consumer,
+            attempt,
+            outcome.message,
+            max_failures=self.max_failures,
+        )
+        if counted is None:
+            return  # fenced out: whoever holds the job now decides
+        gave_up, failures = counted
+        if gave_up:
+            self.queue.dead_letter(entry, outcome.message)
+            self.stats.dead += 1
+            self._event("dead", job_id, f"gave up after {failures} failures: {outcome.message}")
             return
-        if lifecycle.fail(
-            self.engine, job_id, self.consumer, attempt, outcome.message, permanent=False
-        ):
-            # Left unacknowledged on purpose: the reaper retries it after the lease.
-            self.stats.retried += 1
-            self._event("retry", job_id, outcome.message)
+        # Left unacknowledged on purpose: the reaper retries it after the lease.
+        self.stats.retried += 1
+        self._event("retry", job_id, outcome.message)
 
     def _dead_letter(self, entry: Entry, reason: str) -> None:
         lifecycle.fail_dead_lettered(self.engine, entry.job_id, reason)
         self.queue.dead_letter(entry, reason)
         self.stats.dead += 1
         self._event("dead", entry.job_id, reason)
+
+    def _register_derived(self, job_id: int) -> bool:
+        """Register a train job's model; on an error the job fails with it stored."""
+        from gauntlet.scheduler.train import register_derived
+
+        try:
+            register_derived(self.engine, self.queue, job_id)
+            return True
+        except Exception as exc:
+            if _unreachable(exc):
+                raise  # the entry stays pending and the next delivery registers it
+            message = f"trained, but registering the derived model failed: {_describe(exc)}"
+            attempts.fail_job(self.engine, job_id, message, keep_done=False)
+            self.stats.failed += 1
+            self._event("failed", job_id, message)
+            return False
+
+    def _entry_error(self, entry: Entry, what: str, exc: Exception) -> None:
+        """An error outside the job's own code: fail the job, or leave it for a retry.
+
+        When the database or Redis cannot be reached nothing can be recorded; the entry
+        stays pending and is delivered again after the lease. Anything else would fail
+        the same way on every delivery, so the job fails now with the error stored.
+        """
+        if _unreachable(exc):
+            log.warning("job %s: %s (%s); retried after the lease", entry.job_id, what, exc)
+            return
+        message = f"{what}: {_describe(exc)}"
+        log.exception("job %s: %s", entry.job_id, what)
+        try:
+            attempts.fail_job(self.engine, entry.job_id, message)
+            self.queue.ack(entry.entry_id)
+        except Exception:  # noqa: BLE001 - recording the failure failed too: retry later
+            log.exception("job %s: could not record the failure", entry.job_id)
+            return
+        self.stats.failed += 1
+        self._event("failed", entry.job_id, message)
+
+    def reconcile(self, *, force: bool = False) -> int:
+        """Run the reconciler if due (or ``force``); how many jobs it repaired."""
+        if self.reconciler is None or not (force or self.reconciler.due()):
+            return 0
+        try:
+            report = self.reconciler.run()
+        except Exception:  # noqa: BLE001 - a failed repair is retried next period
+            log.exception("reconciling SQL with the stream failed")
+            return 0
+        if report is None:
+            return 0
+        for job_id in report.enqueued + report.adopted:
+            self._event("repaired", job_id)
+        return report.repaired
 
     def heartbeat(self) -> None:
         """Extend the SQL leases and the stream entries' idle clocks of running jobs."""
@@ -234,12 +324,16 @@ class Dispatcher:
         """Work until stopped; with ``drain``, until the queue is empty and nothing runs."""
         reap_every = max(0.05, self.lease_seconds / 4)
         beat_every = max(0.05, self.lease_seconds / 3)
+        # Waiting on tasks must leave room for heartbeats well inside the lease.
+        poll_seconds = min(poll_seconds, beat_every / 2)
         last_reap = last_beat = 0.0
+        self.reconcile(force=True)  # entries lost while no scheduler ran
         while True:
             now = time.monotonic()
             if now - last_reap >= reap_every:
                 self.reap()
                 last_reap = now
+            self.reconcile()
             # Block on the stream only when nothing runs: otherwise poll the tasks.
             self.fill(block_ms=0 if self.running else int(poll_seconds * 1000))
             if self.running:
@@ -249,9 +343,25 @@ class Dispatcher:
                 last_beat = time.monotonic()
             if should_stop and should_stop():
                 break
+            # An empty stream is not enough: SQL may still hold work whose entry was
+            # lost, which the reconciler gives a new entry within a lease period.
             if drain and not self.running and self.queue.is_empty():
-                break
+                if self.reconciler is None or not unfinished(self.engine):
+                    break
         return self.stats
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """The database or Redis is down or cut off: nothing about the job itself."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _lease_alive(job: dict) -> bool:

@@ -1,13 +1,18 @@
 """Where a claimed job runs: a Ray task, or in-process (same contract).
 
 The dispatcher only sees ``submit``/``ready``/``outcome``. The local executor runs jobs
-synchronously at submit time, which lets service tests exercise the whole queue and
-database path without starting Ray (like rq's burst worker).
+in this process, which lets service tests exercise the whole queue and database path
+without starting Ray (like rq's burst worker). It runs them on one background thread,
+one at a time in submission order: the dispatcher's loop must keep renewing the leases
+of the jobs it holds while one runs, or another replica would take a job that is alive
+and throw its result away.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import queue
+import threading
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gauntlet.workers.results import JobFailure, JobResult
@@ -32,24 +37,52 @@ class Executor(Protocol):
     def max_gpus(self) -> float: ...
 
 
+@dataclass
+class _LocalRun:
+    """A job on the local worker thread: its outcome once ``finished`` is set."""
+
+    payload: dict
+    finished: threading.Event = field(default_factory=threading.Event)
+    value: Any = None
+
+
 class LocalExecutor:
-    """Runs each job in this process as it is submitted."""
+    """Runs jobs in this process, one at a time, on a background thread."""
 
     def __init__(self, gpus: float = 0.0):
         self.gpus = gpus
+        self._todo: queue.SimpleQueue[_LocalRun] = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def _work(self) -> None:
+        while True:
+            run = self._todo.get()
+            try:
+                run.value = run_job(run.payload)
+            except Exception as exc:  # noqa: BLE001 - same classification as a failed Ray task
+                run.value = JobFailure(message=f"{type(exc).__name__}: {exc}", permanent=False)
+            with self._done:
+                run.finished.set()
+                self._done.notify_all()
 
     def submit(self, job_id, payload, num_gpus, memory_mb):
-        try:
-            value = run_job(payload)
-        except Exception as exc:  # noqa: BLE001 - same classification as a failed Ray task
-            value = JobFailure(message=f"{type(exc).__name__}: {exc}", permanent=False)
-        return Handle(job_id, value)
+        if self._thread is None:
+            # A daemon: a scheduler that stops (SIGTERM) must not wait for a job whose
+            # result it will no longer write; another replica reclaims that job.
+            self._thread = threading.Thread(target=self._work, name="local-jobs", daemon=True)
+            self._thread.start()
+        run = _LocalRun(payload)
+        self._todo.put(run)
+        return Handle(job_id, run)
 
     def ready(self, handles, timeout):
-        return list(handles)
+        with self._done:
+            self._done.wait_for(lambda: any(h.ref.finished.is_set() for h in handles), timeout)
+        return [h for h in handles if h.ref.finished.is_set()]
 
     def outcome(self, handle):
-        return handle.ref
+        return handle.ref.value
 
     def max_gpus(self):
         return self.gpus

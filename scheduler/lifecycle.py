@@ -322,6 +322,7 @@ def requeue(engine: sa.Engine, job_id: int) -> bool:
         .values(
             status=JobStatus.queued,
             stream_id=None,
+            failures=0,  # a rerun starts with its retries whole
             lease_owner=None,
             lease_expires_at=None,
             finished_at=None,

@@ -59,6 +59,7 @@ class JobQueue:
         max_deliveries: int = 3,
     ) -> None:
         self.client = client
+        self.prefix = prefix
         self.group = group
         self.max_deliveries = max_deliveries
         self.stream = f"{prefix}:jobs"
@@ -110,7 +111,8 @@ class JobQueue:
         consumer, or acked, are left alone.
         """
         if entry_ids:
-            self._heartbeat(keys=[self.stream], args=[self.group, consumer, *entry_ids])
+            args = [self.group, consumer, *entry_ids]
+            self._with_group(self._heartbeat, keys=[self.stream], args=args)
 
     def reclaim(self, consumer: str, min_idle_ms: int, count: int = 100) -> list[Entry]:
         """Take over up to ``count`` entries idle at least ``min_idle_ms`` (XAUTOCLAIM).

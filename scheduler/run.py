@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from gauntlet.scheduler import lifecycle
@@ -17,6 +18,11 @@ def make_executor(app: App, *, local: bool, num_cpus=None, num_gpus=None):
         return LocalExecutor()
     from gauntlet.cluster.ray_conn import init_ray
 
+    if not app.settings.ray_address:
+        # A local Ray is ours to clean up, even if this process is SIGKILLed.
+        from gauntlet.scheduler.watchdog import start_watchdog
+
+        start_watchdog()
     init_ray(app.settings, num_cpus=num_cpus, num_gpus=num_gpus)
     return RayExecutor()
 
@@ -32,7 +38,8 @@ def run_scheduler(
     console=None,
     should_stop=None,
 ):
-    # Rows a crashed submit inserted without enqueueing get their stream entry now.
+    # Rows a crashed submit inserted without enqueueing get their stream entry now; the
+    # dispatcher's reconciler then repairs whatever else the stream lost.
     enqueue_new(app.engine, app.queue)
     executor = make_executor(app, local=local, num_cpus=num_cpus, num_gpus=num_gpus)
     pending = [
@@ -58,8 +65,9 @@ def run_scheduler(
             if kind in _FINAL:
                 progress.advance(task)
             if kind in ("failed", "dead"):
+                # The message quotes user text (names, paths): escaped, never markup.
                 progress.console.print(
-                    f"[red]job {job_id} failed:[/red] {message}", highlight=False
+                    f"[red]job {job_id} failed:[/red] {escape(message)}", highlight=False
                 )
             progress.update(task, description=f"job {job_id} {kind}")
 

@@ -7,7 +7,7 @@ only the database, so ``gauntlet leaderboard`` never starts Redis or Ray.
 
 from __future__ import annotations
 
-from gauntlet.scheduler import lifecycle, train
+from gauntlet.scheduler import intake, lifecycle, train
 from gauntlet.scheduler.app import App
 from gauntlet.scheduler.boards.calibration import calibration_table
 from gauntlet.scheduler.boards.leaderboard import leaderboard as leaderboard_entries
@@ -18,8 +18,15 @@ from gauntlet.scheduler.submit import submit as submit_weights
 
 
 def submit_model(app: App, weights, **options) -> SubmitReport:
-    """Submit a safetensors model; ``options`` are ``submit.submit``'s keywords."""
-    return submit_weights(app.settings, app.engine, app.queue, weights, **options)
+    """Submit a safetensors model; ``options`` are ``submit.submit``'s keywords.
+
+    The intake checks (caps, names, dtypes) run first, so a refused submission stores
+    nothing; a note they return (weights converted to float32) goes on the model row.
+    """
+    note = intake.check_submission(app.settings, weights, **options)
+    report = submit_weights(app.settings, app.engine, app.queue, weights, **options)
+    intake.store_note(app.engine, report.model_id, note)
+    return report
 
 
 def list_jobs(app: App, **filters) -> list[dict]:
@@ -40,6 +47,9 @@ def request_training(
 ) -> tuple[int, bool]:
     """Queue a train job for ``model``; ``static`` names ensemble-at's pre-trained models."""
     params = dict(params)
+    suite = params.get("suite", "quick")
+    if isinstance(suite, str):  # the name the user gave is stored with the job
+        intake.check_name(suite, "suite name")
     if static:
         params["static_models"] = [train.find_model(app.engine, ref)["id"] for ref in static]
     return train.request_training(app.engine, app.queue, model, method, params, num_gpus=num_gpus)

@@ -19,6 +19,14 @@ from gauntlet.cluster.errors import GauntletError
 #: Bumped when the evaluation protocol itself changes (subset drawing, metrics).
 EVAL_VERSION = 1
 
+# Seeds enter the subset key (a 200-character column) and numpy's generators, which take
+# 32-bit seeds; a bound keeps both honest.
+MAX_SEED = 2**32 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
 
 def _settings_checker(kind: str):
     """For kinds whose ``attack`` names a procedure: its validator (settings with defaults).
@@ -40,8 +48,30 @@ class Resources:
     num_gpus: float = 0.0
     memory_mb: int | None = None
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "resources") -> Resources:
+        """``resources`` from a suite or a stored spec; unknown keys are named, not a TypeError."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise GauntletError(
+                f"{where}: Expected `resources` to be a mapping with `num_gpus` and "
+                f"`memory_mb`, but got {data!r}"
+            )
+        unknown = sorted(map(str, set(data) - {"num_gpus", "memory_mb"}))
+        if unknown:
+            raise GauntletError(
+                f"{where}: unknown `resources` key(s) {', '.join(unknown)}; "
+                "known: memory_mb, num_gpus"
+            )
+        try:
+            return cls(**data)
+        except GauntletError as exc:
+            raise GauntletError(f"{where}: {exc}") from None
+
     def __post_init__(self):
-        if not isinstance(self.num_gpus, (int, float)) or self.num_gpus < 0:
+        ok = isinstance(self.num_gpus, (int, float)) and not isinstance(self.num_gpus, bool)
+        if not ok or not 0 <= self.num_gpus < float("inf"):
             raise GauntletError(
                 f"Expected `num_gpus` to be a number >= 0, but got {self.num_gpus!r}"
             )
@@ -50,9 +80,7 @@ class Resources:
                 f"Expected `num_gpus` to be a fraction below 1 or a whole number, "
                 f"but got {self.num_gpus!r}"
             )
-        if self.memory_mb is not None and (
-            not isinstance(self.memory_mb, int) or self.memory_mb <= 0
-        ):
+        if self.memory_mb is not None and (not _is_int(self.memory_mb) or self.memory_mb <= 0):
             raise GauntletError(
                 f"Expected `memory_mb` to be a positive int, but got {self.memory_mb!r}"
             )
@@ -119,16 +147,32 @@ class JobSpec:
             raise GauntletError(
                 f"Expected `kind` to be one of {', '.join(kind_names())}, but got {self.kind!r}"
             )
-        if not isinstance(self.n, int) or self.n <= 0:
+        if not _is_int(self.n) or self.n <= 0:
             raise GauntletError(f"Expected `n` to be a positive int, but got {self.n!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            raise GauntletError(
+                f"Expected `seed` to be an integer in [0, {MAX_SEED}], but got {self.seed!r}"
+            )
+        if not _is_int(self.batch_size) or self.batch_size <= 0:
             raise GauntletError(
                 f"Expected `batch_size` to be a positive int, but got {self.batch_size!r}"
             )
+        if not isinstance(self.attack, str):
+            raise GauntletError(f"Expected `attack` to be a name, but got {self.attack!r}")
+        if not isinstance(self.params, dict):
+            raise GauntletError(f"Expected `params` to be a mapping, but got {self.params!r}")
         check = _settings_checker(self.kind)
         if check is not None:
             check(self.attack, self.params)
             return
+        if self.norm is not None and not isinstance(self.norm, str):
+            raise GauntletError(f"Expected `norm` to be a name, but got {self.norm!r}")
+        if self.eps_sweep and self.norm is None:
+            raise GauntletError("`eps_sweep` needs a `norm`: it multiplies that norm's budget")
+        if not isinstance(self.adaptive, bool):
+            raise GauntletError(
+                f"Expected `adaptive` to be true or false, but got {self.adaptive!r}"
+            )
         threat = None if self.norm is None else Threat(self.norm, float(self.eps))
         validate_attack(self.attack, self.params, threat)
         for eps in self.eps_sweep:
@@ -137,10 +181,37 @@ class JobSpec:
             from gauntlet.workers.defenses import validate_defense
 
             validate_defense(self.defense, self.defense_params)
-        if not isinstance(self.eot_samples, int) or not 1 <= self.eot_samples <= 1000:
+        if not _is_int(self.eot_samples) or not 1 <= self.eot_samples <= 1000:
             raise GauntletError(
                 "Expected `eot_samples` to be an integer in [1, 1000], "
                 f"but got {self.eot_samples!r}"
+            )
+
+    def work(self) -> int:
+        """A job's size: points x steps x restarts x EOT samples x budgets.
+
+        Only attack jobs have it (training kinds are bounded by their own checks). Steps
+        and restarts are the attack's resolved settings, so defaults count too; EOT
+        multiplies only behind a defense, and a robustness curve runs every budget.
+        """
+        if _settings_checker(self.kind) is not None:
+            return self.n
+        from gauntlet.workers.attacks import build_attack
+
+        attack = build_attack(self.attack, self.params)
+        steps = getattr(attack, "steps", 1) or 1
+        restarts = getattr(attack, "restarts", 1) or 1
+        eot = self.eot_samples if self.defense is not None else 1
+        return self.n * steps * restarts * eot * (1 + len(self.eps_sweep))
+
+    def check_work(self, limit: int) -> None:
+        work = self.work()
+        if work > limit:
+            raise GauntletError(
+                f"evaluation {self.attack!r} ({self.kind}) asks for {work:,} units of work "
+                "(points x steps x restarts x EOT samples x budgets), above the cap of "
+                f"{limit:,} per job (GAUNTLET_MAX_JOB_WORK); lower `n`, `steps`, `restarts` "
+                "or `eot_samples`"
             )
 
     @property
@@ -175,5 +246,5 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict) -> JobSpec:
         data = {k: v for k, v in data.items() if k != "subset_key"}
-        data["resources"] = Resources(**(data.get("resources") or {}))
+        data["resources"] = Resources.from_dict(data.get("resources"))
         return cls(**data)

@@ -15,9 +15,10 @@ from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.cluster.settings import Settings
 from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.enqueue import enqueue_once
 from gauntlet.scheduler.queue import JobQueue
 from gauntlet.scheduler.spec import JobSpec, canonical_json
-from gauntlet.scheduler.suites import load_suite
+from gauntlet.scheduler.suites import Suite, load_suite
 from gauntlet.workers.architectures import check_architecture
 from gauntlet.workers.datasets import dataset_info
 from gauntlet.workers.models import InputSpec, check_safetensors
@@ -81,26 +82,29 @@ def new_jobs(specs: list[JobSpec], suite: str | None) -> list[lifecycle.NewJob]:
 
 
 def enqueue_new(engine, queue: JobQueue) -> int:
-    """XADD every queued job that has no stream entry yet; returns how many.
+    """XADD every queued job that has no stream entry yet; returns how many we added.
 
-    Covers both fresh rows and rows a crashed submit inserted but never enqueued.
+    Covers both fresh rows and rows a crashed submit inserted but never enqueued. Two
+    submits (or a submit and a nightly run) racing over the same rows each see them all;
+    the compare-and-set in ``enqueue_once`` lets exactly one of them XADD each job.
     """
-    count = 0
-    for job_id in lifecycle.unenqueued_jobs(engine):
-        lifecycle.mark_enqueued(engine, job_id, queue.enqueue(job_id))
-        count += 1
-    return count
+    return sum(
+        enqueue_once(engine, queue, job_id, seen=None) is not None
+        for job_id in lifecycle.unenqueued_jobs(engine)
+    )
 
 
 def expand_suite(
-    suite_name: str, model_id: str, dataset: str, n: int | None = None, engine=None
+    suite_name: str | Suite, model_id: str, dataset: str, n: int | None = None, engine=None
 ) -> list[JobSpec]:
     """The suite's jobs for one model; with ``engine``, also its transfer jobs.
 
-    Transfer jobs pair the model with every other model of the dataset, both ways: a
-    new model adds a row and a column to the transferability matrix, nothing else.
+    ``suite_name`` is a suite's name or path, or a suite already loaded (a train job's,
+    resolved when it was requested). Transfer jobs pair the model with every other model
+    of the dataset, both ways: a new model adds a row and a column to the
+    transferability matrix, nothing else.
     """
-    suite = load_suite(suite_name)
+    suite = load_suite(suite_name) if isinstance(suite_name, str) else suite_name
     max_n = dataset_info(dataset).test_size
     specs = suite.expand(model_id, dataset, n=n, max_n=max_n)
     if engine is not None and suite.transfer is not None:

@@ -8,7 +8,6 @@ on CIFAR-10. ``expand`` turns a suite into validated job specs for one model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from fractions import Fraction
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.scheduler import suite_fields as fields
 from gauntlet.scheduler.spec import JobSpec, Resources
 
 _FIELDS = {
@@ -30,26 +30,7 @@ _FIELDS = {
     "defenses",
     "transfer",
 }
-_EVAL_FIELDS = {
-    "attack",
-    "norm",
-    "eps",
-    "params",
-    "eps_sweep",
-    "eot_samples",
-    "adaptive",
-    "kind",
-}
-
-
-def _number(value: Any, what: str) -> float:
-    """Accept 0.1, "0.1" or "8/255" (how papers write Linf budgets)."""
-    try:
-        return float(Fraction(str(value).replace(" ", "")))
-    except (ValueError, ZeroDivisionError):
-        raise GauntletError(
-            f"Expected `{what}` to be a number such as 0.1 or 8/255, but got {value!r}"
-        ) from None
+_number = fields.number
 
 
 @dataclass(frozen=True)
@@ -90,10 +71,19 @@ class Suite:
             size = min(size, max_n)
         specs = []
         for defense in self.defenses:
-            for item in self.evaluations:
-                specs.extend(self._specs(item, defense, model_id, dataset, size))
-        for spec in specs:
-            spec.validate()
+            for position, item in enumerate(self.evaluations, 1):
+                where = fields.evaluation_label(self.name, position, item)
+                specs.extend(self._checked(where, item, defense, model_id, dataset, size))
+        return specs
+
+    def _checked(self, where: str, item: dict, defense, *args) -> list[JobSpec]:
+        """``_specs``, validated, with any message prefixed by the evaluation it is about."""
+        try:
+            specs = self._specs(item, defense, *args)
+            for spec in specs:
+                spec.validate()
+        except GauntletError as exc:
+            raise GauntletError(f"{where}: {exc}") from None
         return specs
 
     def transfer_specs(
@@ -110,13 +100,11 @@ class Suite:
             return []
         size = min(int(n if n is not None else self.n), max_n or 10**9)
         item = {k: v for k, v in self.transfer.items() if k != "ensemble"}
-        (spec,) = self._specs(item, None, target, dataset, size)
+        where = f"suite {self.name!r}, transfer"
+        (spec,) = self._checked(where, item, None, target, dataset, size)
         if isinstance(source, list):
-            spec = replace(spec, source_ensemble=sorted(source))
-        else:
-            spec = replace(spec, source_model=source)
-        spec.validate()
-        return [spec]
+            return [replace(spec, source_ensemble=sorted(source))]
+        return [replace(spec, source_model=source)]
 
     def _specs(self, item: dict, defense, model_id: str, dataset: str, size: int):
         norm = item.get("norm")
@@ -135,14 +123,14 @@ class Suite:
             n=size,
             seed=self.seed,
             batch_size=self.batch_size,
-            resources=Resources(**self.resources),
+            resources=Resources.from_dict(self.resources, f"suite {self.name!r}"),
             eps_sweep=sorted(set(sweep)),
             kind=item.get("kind", "eval"),
         )
         if defense is None:
             return [JobSpec(**common)]
         name, params = defense["name"], dict(defense.get("params") or {})
-        eot = int(item.get("eot_samples", 10))
+        eot = item.get("eot_samples", 10)  # an int: suite_fields checked it
         modes = [True]
         if item.get("adaptive") is None and item["attack"] != "clean":
             # Both numbers for a defended entry: a defense that only masks gradients
@@ -157,7 +145,7 @@ class Suite:
 
 
 def suite_names() -> list[str]:
-    folder = resources.files("scheduler") / "suites"
+    folder = resources.files("gauntlet.scheduler") / "suites"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
@@ -167,55 +155,18 @@ def parse_suite(data: dict, name: str) -> Suite:
     unknown = set(data) - _FIELDS
     if unknown:
         raise GauntletError(
-            f"suite {name!r} has unknown fields {sorted(unknown)}; known: {sorted(_FIELDS)}"
+            f"suite {name!r} has unknown fields {sorted(map(str, unknown))}; "
+            f"known: {sorted(_FIELDS)}"
         )
-    evaluations = data.get("evaluations") or []
-    if not evaluations:
-        raise GauntletError(f"suite {name!r} lists no evaluations")
-    for item in evaluations:
-        if not isinstance(item, dict) or "attack" not in item or set(item) - _EVAL_FIELDS:
-            raise GauntletError(
-                f"suite {name!r}: each evaluation is a mapping with `attack` and optionally "
-                f"{sorted(_EVAL_FIELDS - {'attack'})}, but got {item!r}"
-            )
+    header = fields.suite_header(data, name)
+    # Checked here, not first at expansion, so that a bad section fails before any work.
+    Resources.from_dict(header["resources"], f"suite {name!r}")
     return Suite(
-        name=data.get("name", name),
-        description=data.get("description", ""),
-        n=int(data.get("n", 200)),
-        seed=int(data.get("seed", 0)),
-        eps=data.get("eps") or {},
-        resources=data.get("resources") or {},
-        batch_size=int(data.get("batch_size", 256)),
-        evaluations=evaluations,
-        defenses=_defenses(data.get("defenses"), name),
-        transfer=_transfer(data.get("transfer"), name),
+        **header,
+        evaluations=fields.evaluations(data.get("evaluations"), name),
+        defenses=fields.defenses(data.get("defenses"), name),
+        transfer=fields.transfer(data.get("transfer"), name),
     )
-
-
-def _transfer(item, suite: str) -> dict | None:
-    if item is None:
-        return None
-    if not isinstance(item, dict) or "attack" not in item or "norm" not in item:
-        raise GauntletError(
-            f"suite {suite!r}: `transfer` is a mapping with `attack`, `norm` and optional "
-            f"`params`, but got {item!r}"
-        )
-    return item
-
-
-def _defenses(items, suite: str) -> list:
-    if items is None:
-        return [None]
-    parsed = []
-    for item in items:
-        if item is None or (isinstance(item, dict) and "name" in item):
-            parsed.append(item)
-        else:
-            raise GauntletError(
-                f"suite {suite!r}: each of `defenses` is null (no defense) or a mapping with "
-                f"`name` and optional `params`, but got {item!r}"
-            )
-    return parsed
 
 
 def load_suite(name: str) -> Suite:
@@ -223,14 +174,22 @@ def load_suite(name: str) -> Suite:
     if name.endswith((".yaml", ".yml")):
         path = Path(name)
         if not path.is_file():
-            raise GauntletError(f"suite file {name!r} does not exist")
+            missing = "is not a file" if path.exists() else "does not exist"
+            raise GauntletError(f"suite file {name!r} {missing}")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise GauntletError(f"cannot read suite file {name!r}: {exc}") from None
         except yaml.YAMLError as exc:
-            raise GauntletError(f"suite file {name!r} is not valid YAML: {exc}") from None
+            # PyYAML's messages span lines (with a caret under the spot); one line here.
+            raise GauntletError(
+                f"suite file {name!r} is not valid YAML: {' '.join(str(exc).split())}"
+            ) from None
+        except RecursionError:  # the composer recurses once per nesting level
+            raise GauntletError(f"suite file {name!r} nests too deeply to be a suite") from None
         return parse_suite(data, path.stem)
     known = suite_names()
     if name not in known:
         raise GauntletError(f"unknown suite {name!r}; known suites: {', '.join(known)}")
-    text = (resources.files("scheduler") / "suites" / f"{name}.yaml").read_text()
+    text = (resources.files("gauntlet.scheduler") / "suites" / f"{name}.yaml").read_text()
     return parse_suite(yaml.safe_load(text), name)

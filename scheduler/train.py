@@ -4,15 +4,23 @@
 dispatcher calls ``register_derived``: the derived weights (already in the artifact
 store) become a model row whose ``parent_id`` is the submitted model, and the suite
 named in the job is expanded for it, so it is evaluated like any submission.
+
+The suite is read when the job is requested, on the host that requests it, and its
+whole definition is stored in the job's spec: by the time the job finishes, on some
+scheduler's host, a suite file named by path may not exist there (or may have changed).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.intake import MAX_NAME
 from gauntlet.scheduler.queue import JobQueue
 from gauntlet.scheduler.spec import JobSpec
 from gauntlet.scheduler.submit import enqueue_new, expand_suite, model_key, new_jobs
+from gauntlet.scheduler.suites import Suite, load_suite, parse_suite
 from gauntlet.workers.models import InputSpec
 
 
@@ -62,10 +70,29 @@ def request_training(
 ) -> tuple[int, bool]:
     """Queue a train job for model ``ref``; its derived model is evaluated with the suite.
 
-    ``options`` are ``request_job``'s: ``n`` and ``num_gpus``.
+    ``options`` are ``request_job``'s: ``n`` and ``num_gpus``. A suite that does not
+    load fails the request now, not the job later. The job key leaves the suite out, so
+    asking again with the same settings is the same job.
     """
     suite = params.get("suite", "quick")
+    if isinstance(suite, dict):  # already resolved (a stored spec passed back in)
+        suite = suite["name"]
+    resolved = {"name": suite, "definition": asdict(load_suite(suite))}
+    params = dict(params, suite=resolved)
     return request_job(engine, queue, ref, "train", method, params, suite=suite, **options)
+
+
+def job_suite(job: dict) -> Suite:
+    """The suite a train job evaluates its derived model with, as it was when requested.
+
+    Jobs queued before suites were stored in the spec name theirs only; those are
+    loaded by name.
+    """
+    stored = ((job.get("spec") or {}).get("params") or {}).get("suite")
+    if isinstance(stored, dict) and "definition" in stored:
+        definition = stored["definition"]
+        return parse_suite(dict(definition), definition.get("name") or stored["name"])
+    return load_suite(job["suite"] or "quick")
 
 
 def register_derived(engine, queue: JobQueue, job_id: int) -> str | None:
@@ -78,10 +105,12 @@ def register_derived(engine, queue: JobQueue, job_id: int) -> str | None:
     parent = lifecycle.get_model(engine, job["model_id"])
     spec = InputSpec.from_dict(parent["input_spec"])
     derived = model_key(sha, parent["arch"], parent["dataset"], spec)
+    suffix = f"+{details['method']}"
     lifecycle.upsert_model(
         engine,
         id=derived,
-        name=f"{parent['name']}+{details['method']}",
+        # The parent's name may already use the whole bound: shorten it, keep the method.
+        name=parent["name"][: MAX_NAME - len(suffix)] + suffix,
         arch=parent["arch"],
         dataset=parent["dataset"],
         input_spec=parent["input_spec"],
@@ -90,7 +119,7 @@ def register_derived(engine, queue: JobQueue, job_id: int) -> str | None:
     )
     suite = job["suite"] or "quick"
     n = int(job["subset_key"].split(":")[2])
-    specs = expand_suite(suite, derived, parent["dataset"], n, engine=engine)
+    specs = expand_suite(job_suite(job), derived, parent["dataset"], n, engine=engine)
     lifecycle.insert_jobs(engine, new_jobs(specs, suite))
     enqueue_new(engine, queue)
     return derived

@@ -67,7 +67,7 @@ def test_transient_failures_retry_then_dead_letter(
         assert (stats.retried, stats.done, row["attempts"]) == (2, 1, 3)
     else:
         assert (stats.retried, stats.dead, row["attempts"]) == (1, 1, 2)
-        assert "gave up after 2 deliveries: RuntimeError: worker lost its node" in row["error"]
+        assert "gave up after 2 failures: RuntimeError: worker lost its node" in row["error"]
         (dead,) = app.queue.dead_letters()
         assert int(dead["job_id"]) == row["id"]
     assert app.queue.is_empty()

@@ -27,7 +27,8 @@ Builder = Callable[["InputSpec"], nn.Module]
 
 # The named architectures; the two families resolve by pattern in ``_resolve``.
 ARCHITECTURES: Registry[Builder] = Registry("architecture")
-_WRN = re.compile(r"^wrn-(\d+)-(\d+)$")
+# No leading zeros and at most six digits: the name stays short enough to store.
+_WRN = re.compile(r"^wrn-([1-9]\d{0,5})-([1-9]\d{0,5})$")
 _TORCHVISION = "torchvision:"
 
 
@@ -48,6 +49,49 @@ def architecture_names() -> list[str]:
 def check_architecture(name: str) -> None:
     """Raise GauntletError if ``name`` resolves to no architecture."""
     _resolve(name)
+
+
+def architecture_parameters(name: str, spec: InputSpec) -> int:
+    """How many parameters ``name`` has for ``spec``, without allocating any of them.
+
+    WideResNets are counted from their formula, since even a meta-device build of a
+    wrn-100000-1 would spend minutes creating modules; anything else is built on the
+    meta device, which records shapes and allocates no memory.
+    """
+    wrn = _WRN.match(name) if isinstance(name, str) else None
+    if wrn and name not in ARCHITECTURES:
+        _resolve(name)  # the depth rule, with its message
+        return _wrn_parameters(int(wrn.group(1)), int(wrn.group(2)), spec)
+    with torch.device("meta"):
+        net = build_architecture(name, spec)
+    return sum(p.numel() for p in net.parameters())
+
+
+def check_architecture_size(name: str, spec: InputSpec, max_parameters: int) -> int:
+    """The parameter count of ``name``; GauntletError above ``max_parameters``."""
+    count = architecture_parameters(name, spec)
+    if count > max_parameters:
+        raise GauntletError(
+            f"architecture '{name}' has {count:,} parameters, above the cap of "
+            f"{max_parameters:,} (GAUNTLET_MAX_PARAMETERS)"
+        )
+    return count
+
+
+def _wrn_parameters(depth: int, width: int, spec: InputSpec) -> int:
+    """WideResNet's parameter count, block by block as ``WideResNet`` builds it."""
+
+    def block(c_in: int, c_out: int, stride: int) -> int:
+        convs = 9 * c_in * c_out + 9 * c_out * c_out
+        shortcut = c_in * c_out if stride != 1 or c_in != c_out else 0
+        return 2 * c_in + 2 * c_out + convs + shortcut  # two batch norms: weight and bias
+
+    n = (depth - 4) // 6
+    total, c_in = 9 * spec.channels * 16, 16
+    for c_out, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
+        total += block(c_in, c_out, stride) + (n - 1) * block(c_out, c_out, 1)
+        c_in = c_out
+    return total + 2 * c_in + c_in * spec.num_classes + spec.num_classes
 
 
 def build_architecture(name: str, spec: InputSpec) -> nn.Module:

@@ -38,6 +38,16 @@ _DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
     "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
+# safetensors' dtype codes under torch's names. Floating-point weights in any of these are
+# converted to float32 on load (attacks and defenses assume float32 gradients); integer
+# weights are quantised models, which this loader cannot run, and are refused instead.
+_TORCH_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+    "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
+_FLOATS = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,13 @@ def check_safetensors(path: str | os.PathLike) -> dict:
             )
         raise GauntletError(f"{path} is not a safetensors file: its header is not a JSON object")
     data_size = size - 8 - n
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, str) for v in metadata.values()
+    ):  # the format allows only a flat string-to-string map here
+        raise GauntletError(
+            f"{path} is not a valid safetensors file: its __metadata__ is not a mapping of strings"
+        )
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     for name, entry in tensors.items():
         _check_entry(path, name, entry, data_size)
@@ -159,6 +176,12 @@ def _parse_header(raw: bytes) -> dict | None:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         return None
+    except RecursionError:
+        # A real header nests three levels deep (header, tensor entry, shape list); one
+        # nested thousands of levels deep exists only to exhaust the JSON parser's stack.
+        raise GauntletError(
+            "the weights file is not a safetensors file: its JSON header nests too deeply"
+        ) from None
     return header if isinstance(header, dict) else None
 
 
@@ -182,7 +205,9 @@ def _check_entry(path: Path, name: str, entry: object, data_size: int) -> None:
             f"section, but the file holds only {data_size}; upload the complete file"
         )
     itemsize = _DTYPE_BYTES.get(entry["dtype"])
-    if itemsize is not None and offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+    if itemsize is None:
+        raise GauntletError(f"{bad} dtype {entry['dtype']!r}, which gauntlet cannot read")
+    if offsets[1] - offsets[0] != math.prod(shape) * itemsize:
         raise GauntletError(f"{bad} {offsets[1] - offsets[0]} bytes for shape {tuple(shape)}")
 
 
@@ -198,7 +223,11 @@ def load_classifier(
         state = load_file(str(path), device="cpu")
     except Exception as exc:  # safetensors raises its own error types for corrupt data
         raise GauntletError(f"cannot read weights file {path}: {exc}") from exc
-    _check_state_dict(arch, state, net.state_dict())
+    expected = net.state_dict()
+    _check_state_dict(arch, state, expected)
+    dtype_note(arch, {k: _dtype_name(v.dtype) for k, v in state.items()}, expected)
+    # Explicit, so that the float32 rule does not hang on load_state_dict's implicit copy.
+    state = {k: _as_expected(v, expected[k]) for k, v in state.items()}
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied
@@ -208,6 +237,46 @@ def load_classifier(
         p.requires_grad_(False)
     _check_forward(model, arch, spec, device)
     return model
+
+
+def header_dtypes(tensors: dict) -> dict[str, str]:
+    """Each tensor's dtype under torch's name, from ``check_safetensors``' entries."""
+    return {name: _TORCH_DTYPES[entry["dtype"]] for name, entry in tensors.items()}
+
+
+def dtype_note(arch: str, dtypes: dict[str, str], expected: dict) -> str | None:
+    """Refuse integer weights where the network has floats; the note on any conversion.
+
+    ``dtypes`` maps tensor names to the file's dtypes (torch's names), ``expected`` is
+    the network's state_dict. Integer buffers (batch norm's ``num_batches_tracked``)
+    stay integers; names the network lacks are left to the state-dict check.
+    """
+    converted = set()
+    for name, dtype in sorted(dtypes.items()):
+        want = expected.get(name)
+        if want is None or not want.is_floating_point():
+            continue
+        if dtype not in _FLOATS:
+            raise GauntletError(
+                f"weights for '{arch}' hold tensor {name!r} as {dtype}: gauntlet takes "
+                "floating-point weights (float32, or float16, bfloat16 and float64, which "
+                "it converts to float32); integer (quantised) weights are not supported"
+            )
+        if dtype != _dtype_name(want.dtype):
+            converted.add(dtype)
+    if not converted:
+        return None
+    return f"weights converted from {', '.join(sorted(converted))} to float32"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_expected(tensor: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    if want.is_floating_point() and tensor.dtype != want.dtype:
+        return tensor.to(want.dtype)
+    return tensor
 
 
 def _names(keys: list[str], limit: int = 8) -> str:

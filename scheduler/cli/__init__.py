@@ -12,24 +12,61 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict
+from typing import NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.scheduler.app import App
 
 console = Console()
-err_console = Console(stderr=True)
+
+# click's "no arguments: show the help" is a usage error in recent versions; it is help,
+# not a failure, so it keeps click's own handling.
+_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``Error: message`` as one line on stderr and exit with status 1.
+
+    click.echo, not rich: rich wraps at 80 columns when stderr is not a terminal (and
+    would read user text such as a model name as markup), while a one-line error is
+    what scripts and logs grep for. Newlines inside the message are folded for the
+    same reason.
+    """
+    click.echo(f"{click.style('Error:', fg='red')} {' '.join(str(message).split())}", err=True)
+    sys.exit(1)
 
 
 class GauntletGroup(click.Group):
+    """The root group: every user error, ours or click's, ends as one ``Error:`` line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the root's own options (``gauntlet --bogus``) are parsed here
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _HELP:
+            raise
+        except click.ClickException as exc:
+            fail(exc.format_message())
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GauntletError as exc:
-            err_console.print(f"[red]Error:[/red] {exc}", highlight=False, markup=True)
-            sys.exit(1)
+            fail(str(exc))
+        except _HELP:
+            raise
+        except click.ClickException as exc:
+            # A bad option or argument of a command (``--n lots``, a missing ``--arch``):
+            # click would print the usage and exit 2; one line and 1, like our own errors.
+            fail(exc.format_message())
+
+
+def say(text: str) -> None:
+    """A line of output that holds user text: escaped, so names print as they are."""
+    console.print(escape(text), soft_wrap=True, highlight=False)
 
 
 def _app(ctx: click.Context) -> App:

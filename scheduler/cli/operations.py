@@ -7,7 +7,7 @@ from dataclasses import asdict
 
 import click
 
-from gauntlet.scheduler.cli import _app, _print_json, console, main
+from gauntlet.scheduler.cli import _app, _print_json, console, main, say
 
 
 @main.command()
@@ -99,4 +99,4 @@ def data_download(ctx, name):
     app = _app(ctx)
     app.settings.ensure_home()
     download(name, app.settings.data_root)
-    console.print(f"{name} is under {app.settings.data_root}")
+    say(f"{name} is under {app.settings.data_root}")

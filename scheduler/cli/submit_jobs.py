@@ -9,11 +9,14 @@ from dataclasses import asdict
 import click
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.scheduler.cli import _app, _listing, _print_json, console, main, tables
+from gauntlet.scheduler.cli import _app, _listing, _print_json, console, main, say, tables
 
 
 @main.command()
-@click.argument("weights", type=click.Path(dir_okay=False))
+# A plain string: the service layer checks the path itself, so that a directory or a
+# missing file is an ``Error:`` line like every other bad submission (click's own path
+# check exits with status 2 and a usage block).
+@click.argument("weights")
 @click.option("--arch", required=True, help="Architecture name (see `gauntlet archs`).")
 @click.option("--dataset", required=True, help="Dataset name (see `gauntlet datasets`).")
 @click.option("--suite", default="quick", show_default=True, help="Evaluation suite.")
@@ -39,7 +42,7 @@ def submit(ctx, weights, mean, std, num_classes, as_json, **options):
         _print_json(asdict(report))
         return
     state = "new model" if report.new_model else "known model"
-    console.print(
+    say(
         f"{report.name} ({state} {report.model_id[:12]}): {report.jobs} evaluations, "
         f"{report.new_jobs} new, {report.enqueued} enqueued"
     )

@@ -1,10 +1,29 @@
-"""Rich tables for the CLI (presentation only; the data comes from the service layer)."""
+"""Rich tables for the CLI (presentation only; the data comes from the service layer).
+
+Cells, headers, titles and captions carry user text (model names, stored errors,
+settings), and rich reads ``[...]`` in a string as markup: a model called ``[/]x``
+would raise and one called ``[red]x`` would print red and lose its name. Every string
+therefore reaches rich through ``_text`` (rows through ``_row``), which escapes it.
+"""
 
 from __future__ import annotations
 
 from itertools import groupby
 
+from rich.markup import escape
 from rich.table import Table
+
+
+def _text(value) -> str:
+    return escape(str(value))
+
+
+def _row(table: Table, cells) -> None:
+    table.add_row(*(_text(c) for c in cells))
+
+
+def _table(title: str, caption: str | None = None) -> Table:
+    return Table(title=_text(title), caption=None if caption is None else _text(caption))
 
 
 def _pct(value: float | None) -> str:
@@ -18,9 +37,9 @@ def leaderboard_tables(entries) -> list[Table]:
         group = list(group)
         attacks = sorted({a for e in group for a in e.attacks})
         defended = any(e.defense for e in group)
-        table = Table(
-            title=f"{dataset} · {norm} eps={eps:.4g}",
-            caption=f"subset {subset}; worst case over {', '.join(attacks)}",
+        table = _table(
+            f"{dataset} · {norm} eps={eps:.4g}",
+            f"subset {subset}; worst case over {', '.join(attacks)}",
         )
         columns = ["rank", "model", "clean", "robust", "95% CI", "n", "strongest"]
         if defended:
@@ -44,7 +63,7 @@ def leaderboard_tables(entries) -> list[Table]:
             row.append(
                 "potentially unreliable: " + "; ".join(e.unreliable) if e.unreliable else "yes"
             )
-            table.add_row(*row)
+            _row(table, row)
         tables.append(table)
     return tables
 
@@ -57,15 +76,15 @@ def transfer_tables(cells) -> list[Table]:
         sources = sorted({c.source for c in group})
         targets = sorted({c.target for c in group})
         rate = {(c.source, c.target): c.success_rate for c in group}
-        table = Table(
-            title=f"transfer success · {dataset} · {norm} eps={eps:.4g}",
-            caption="row: crafted on; column: evaluated on",
+        table = _table(
+            f"transfer success · {dataset} · {norm} eps={eps:.4g}",
+            "row: crafted on; column: evaluated on",
         )
         table.add_column("source \\ target")
         for target in targets:
-            table.add_column(target, justify="right")
+            table.add_column(_text(target), justify="right")
         for source in sources:
-            table.add_row(source, *[_pct(rate.get((source, t))) for t in targets])
+            _row(table, [source, *[_pct(rate.get((source, t))) for t in targets]])
         tables.append(table)
     return tables
 
@@ -73,14 +92,13 @@ def transfer_tables(cells) -> list[Table]:
 def calibration_table(rows) -> Table:
     from gauntlet.scheduler.boards.calibration import COLUMNS
 
-    table = Table(title="calibration", caption="ECE: 15 equal-width bins; adv_: under attack")
+    table = _table("calibration", "ECE: 15 equal-width bins; adv_: under attack")
     for column in ("model", "dataset", "n", *COLUMNS):
         table.add_column(column, justify="left" if column in ("model", "dataset") else "right")
     for r in rows:
         values = [r.metrics.get(c) for c in COLUMNS]
-        table.add_row(
-            _entry_name(r), r.dataset, str(r.n), *["-" if v is None else f"{v:.3f}" for v in values]
-        )
+        cells = ["-" if v is None else f"{v:.3f}" for v in values]
+        _row(table, [_entry_name(r), r.dataset, r.n, *cells])
     return table
 
 
@@ -89,10 +107,10 @@ def corruption_table(rows) -> Table:
     names = sorted(
         {k[4:] for r in rows for k in r.metrics if k.startswith("acc@") and k.count("@") == 1}
     )
-    table = Table(title="corruptions", caption="accuracy (ECE), mean over five severities")
+    table = _table("corruptions", "accuracy (ECE), mean over five severities")
     table.add_column("corruption")
     for r in rows:
-        table.add_column(f"{_entry_name(r)} ({r.dataset}, n={r.n})", justify="right")
+        table.add_column(_text(f"{_entry_name(r)} ({r.dataset}, n={r.n})"), justify="right")
     lines = [
         ("clean", "clean_accuracy", None),
         ("mean", "mean_corruption_accuracy", "mean_corruption_ece"),
@@ -103,7 +121,7 @@ def corruption_table(rows) -> Table:
         for r in rows:
             a, e = r.metrics.get(acc), r.metrics.get(ece) if ece else None
             cells.append(_pct(a) + ("" if e is None else f" ({e:.3f})"))
-        table.add_row(label, *cells)
+        _row(table, [label, *cells])
     return table
 
 
@@ -112,13 +130,13 @@ def _track_table(title: str, caption: str, left: tuple, right: tuple, rows, cell
 
     Every row starts with the model and dataset; ``cells(row)`` gives the rest.
     """
-    table = Table(title=title, caption=caption)
+    table = _table(title, caption)
     for column in left:
         table.add_column(column)
     for column in right:
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(r.model, r.dataset, *cells(r))
+        _row(table, [r.model, r.dataset, *cells(r)])
     return table
 
 
@@ -190,18 +208,21 @@ def privacy_table(rows) -> Table:
 
 
 def subtasks_table(rows: list[dict]) -> Table:
-    table = Table(title=f"{len(rows)} sub-tasks")
+    table = _table(f"{len(rows)} sub-tasks")
     for column in ("name", "node", "pid", "gpus", "started", "seconds"):
         table.add_column(column)
     for r in rows:
         seconds = (r["finished_at"] - r["started_at"]).total_seconds()
-        table.add_row(
-            r["name"],
-            (r["node_id"] or "local")[:12],
-            str(r["worker_pid"]),
-            ",".join(r["gpu_ids"] or []) or "-",
-            r["started_at"].strftime("%H:%M:%S.%f")[:-3],
-            f"{seconds:.1f}",
+        _row(
+            table,
+            [
+                r["name"],
+                (r["node_id"] or "local")[:12],
+                str(r["worker_pid"]),
+                ",".join(r["gpu_ids"] or []) or "-",
+                r["started_at"].strftime("%H:%M:%S.%f")[:-3],
+                f"{seconds:.1f}",
+            ],
         )
     return table
 
@@ -211,7 +232,7 @@ def _entry_name(row) -> str:
 
 
 def jobs_table(rows: list[dict]) -> Table:
-    table = Table(title=f"{len(rows)} jobs")
+    table = _table(f"{len(rows)} jobs")
     for column in (
         "id",
         "model",
@@ -227,16 +248,19 @@ def jobs_table(rows: list[dict]) -> Table:
     for r in rows:
         threat = "-" if r.get("norm") is None else f"{r['norm']} {r['eps']:.4g}"
         status = str(getattr(r["status"], "value", r["status"]))
-        table.add_row(
-            str(r["id"]),
-            str(r.get("model") or r.get("model_id", ""))[:24],
-            r["dataset"],
-            r["attack"],
-            threat,
-            status,
-            str(r.get("attempts", 0)),
-            r.get("device") or "-",
-            (r.get("error") or "")[:80],
+        _row(
+            table,
+            [
+                str(r["id"]),
+                str(r.get("model") or r.get("model_id", ""))[:24],
+                r["dataset"],
+                r["attack"],
+                threat,
+                status,
+                str(r.get("attempts", 0)),
+                r.get("device") or "-",
+                (r.get("error") or "")[:80],
+            ],
         )
     return table
 
@@ -278,10 +302,10 @@ def registry_rows(what: str, app=None) -> list[dict]:
 
 
 def rows_table(title: str, rows: list[dict]) -> Table:
-    table = Table(title=title)
+    table = _table(title)
     columns = list(rows[0]) if rows else ["name"]
     for column in columns:
-        table.add_column(column)
+        table.add_column(_text(column))
     for row in rows:
-        table.add_row(*[str(row.get(c, "")) for c in columns])
+        _row(table, [row.get(c, "") for c in columns])
     return table

