@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/whitebox.py
 	$(BIN)/python bench/autoattack.py
 	$(BIN)/python bench/pate.py
+	$(BIN)/python bench/chaos.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

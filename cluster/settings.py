@@ -31,6 +31,11 @@ ENVIRONMENT = {
     "GAUNTLET_MAX_JOB_WORK": "most steps x restarts x EOT samples x budgets x points per job "
     "(default 10^9)",
     "GAUNTLET_MAX_PATE_TEACHERS": "most teachers a PATE job may train (default 1000)",
+    "GAUNTLET_MAX_JOB_SECONDS": "longest any job may run, whatever its kind or suite says "
+    "(default 86400, a day)",
+    "GAUNTLET_RECONNECT_MIN_SECONDS": "first wait before retrying an unreachable Redis or "
+    "database (default 0.1)",
+    "GAUNTLET_RECONNECT_MAX_SECONDS": "longest wait between such retries (default 5)",
 }
 
 # The caps' defaults, named once: the dataclass, ``from_env`` and the README agree on them.
@@ -38,6 +43,9 @@ MAX_WEIGHTS_BYTES = 2 * 1024**3
 MAX_PARAMETERS = 500_000_000
 MAX_JOB_WORK = 1_000_000_000
 MAX_PATE_TEACHERS = 1000
+MAX_JOB_SECONDS = 86400.0
+RECONNECT_MIN_SECONDS = 0.1
+RECONNECT_MAX_SECONDS = 5.0
 
 
 def _number(env: Mapping[str, str], name: str, default: float, kind: type = float):
@@ -72,6 +80,12 @@ class Settings:
     max_parameters: int = MAX_PARAMETERS
     max_job_work: int = MAX_JOB_WORK
     max_pate_teachers: int = MAX_PATE_TEACHERS
+    # A cap on every job's time limit (its kind's default, or its suite's ``timeout_s``).
+    max_job_seconds: float = MAX_JOB_SECONDS
+    # The schedulers' back-off while Redis or the database is unreachable: the first
+    # wait, doubling up to the second.
+    reconnect_min_seconds: float = RECONNECT_MIN_SECONDS
+    reconnect_max_seconds: float = RECONNECT_MAX_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -92,6 +106,13 @@ class Settings:
             max_parameters=_number(env, "GAUNTLET_MAX_PARAMETERS", MAX_PARAMETERS, int),
             max_job_work=_number(env, "GAUNTLET_MAX_JOB_WORK", MAX_JOB_WORK, int),
             max_pate_teachers=_number(env, "GAUNTLET_MAX_PATE_TEACHERS", MAX_PATE_TEACHERS, int),
+            max_job_seconds=_number(env, "GAUNTLET_MAX_JOB_SECONDS", MAX_JOB_SECONDS),
+            reconnect_min_seconds=_number(
+                env, "GAUNTLET_RECONNECT_MIN_SECONDS", RECONNECT_MIN_SECONDS
+            ),
+            reconnect_max_seconds=_number(
+                env, "GAUNTLET_RECONNECT_MAX_SECONDS", RECONNECT_MAX_SECONDS
+            ),
         )
 
     @property

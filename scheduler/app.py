@@ -54,6 +54,11 @@ class App:
             max_in_flight=max_in_flight or self.settings.max_in_flight,
             progress_prefix=self.settings.redis_prefix,
             on_event=on_event,
+            max_job_seconds=self.settings.max_job_seconds,
+            reconnect_seconds=(
+                self.settings.reconnect_min_seconds,
+                self.settings.reconnect_max_seconds,
+            ),
         )
 
     def close(self) -> None:

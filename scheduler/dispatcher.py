@@ -19,6 +19,14 @@ result or registering what it produced fails that job with the error stored (or 
 the entry to be retried, when the database or Redis itself is unreachable), and the
 loop goes on. SQL is the source of truth; the reconciler (``reconcile``) gives every
 waiting job that lost its stream entry a new one, at start and once per lease period.
+
+Outages (``outage``): a call that finds Redis or the database unreachable marks that
+service down, and the loop carries on with what does not need it: tasks keep running,
+finished outcomes and acknowledgements wait in memory (``writeback``), leases are
+renewed through whichever service is up. A probe with a capped back-off ends the
+outage; after Redis comes back (perhaps empty) the scheduler repairs the stream at once.
+Time limits (``deadlines``) and a cancel by an operator (the row is no longer ours at
+the next renewal) both stop the task.
 """
 
 from __future__ import annotations
@@ -32,15 +40,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import redis
 import sqlalchemy as sa
 
-from gauntlet.scheduler import attempts, lifecycle
+from gauntlet.scheduler import attempts, deadlines, lifecycle, outage
 from gauntlet.scheduler.executors import Executor, Handle
+from gauntlet.scheduler.outage import DATABASE, REDIS
 from gauntlet.scheduler.queue import Entry, JobQueue
-from gauntlet.scheduler.reconcile import Reconciler, unfinished
+from gauntlet.scheduler.reconcile import Reconciler, repair, unfinished
+from gauntlet.scheduler.writeback import Stats, WriteBack
 from gauntlet.workers.jobs import job_kind
-from gauntlet.workers.results import JobFailure, JobResult
+from gauntlet.workers.results import JobFailure
+
+__all__ = ["Dispatcher", "Stats", "consumer_name"]
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +65,8 @@ class _Running:
     handle: Handle
     entry: Entry
     attempt: int
-
-
-@dataclass
-class Stats:
-    done: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead: int = 0
-    skipped: int = 0
-    events: list = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    limit_s: float = float("inf")
 
 
 class Dispatcher:
@@ -82,6 +85,8 @@ class Dispatcher:
         max_failures: int | None = None,
         delivery_limit: int = attempts.DELIVERY_SAFETY_NET,
         reconcile: bool = True,
+        max_job_seconds: float | None = None,
+        reconnect_seconds: tuple[float, float] = (0.1, 5.0),
     ):
         self.engine = engine
         self.queue = queue
@@ -96,19 +101,54 @@ class Dispatcher:
         # deliveries now bounds these.
         self.max_failures = max_failures or queue.max_deliveries
         self.delivery_limit = max(delivery_limit, self.max_failures)
+        self.max_job_seconds = max_job_seconds
         self.reconciler = (
             Reconciler(engine, queue, every_seconds=lease_seconds) if reconcile else None
         )
+        outage.fail_fast(queue.client)
+        self.links = outage.Links(
+            {REDIS: queue.client.ping, DATABASE: self._ping_database},
+            first_delay=reconnect_seconds[0],
+            max_delay=reconnect_seconds[1],
+            on_recovered=self._recovered,
+        )
         self.running: dict[int, _Running] = {}
         self.stats = Stats()
+        self.writes = WriteBack(self)
+        self._deferred: dict[str, Entry] = {}  # delivered, then a service went away
+        self._repair_due = False
         self._max_gpus = executor.max_gpus()
 
-    # -- events -------------------------------------------------------------------------
+    # -- events and outages -------------------------------------------------------------
 
-    def _event(self, kind: str, job_id: int, message: str = "") -> None:
+    def event(self, kind: str, job_id: int, message: str = "") -> None:
         log.info("job %s %s %s", job_id, kind, message)
         if self.on_event:
             self.on_event(kind, job_id, message)
+
+    def note_outage(self, exc: BaseException) -> bool:
+        """Note an outage if ``exc`` is one; False for any other error."""
+        found = self.links.guard(exc)
+        self.stats.outages = self.links.outages
+        return found
+
+    def _try(self, call: Callable, *args):
+        """``call(*args)``, or None after noting an outage; other errors propagate."""
+        try:
+            return call(*args)
+        except Exception as exc:
+            if self.note_outage(exc):
+                return None
+            raise
+
+    def _ping_database(self) -> None:
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    def _recovered(self, service: str, _lasted: float) -> None:
+        # A Redis that restarted empty lost every entry: repair at once, not a period on.
+        if service == REDIS:
+            self._repair_due = True
 
     # -- taking work ----------------------------------------------------------------------
 
@@ -121,69 +161,78 @@ class Dispatcher:
         try:
             self._handle_entry(entry)
         except Exception as exc:  # noqa: BLE001 - one entry must never stop the loop
-            self._entry_error(entry, "could not start the job", exc)
+            if self.note_outage(exc):
+                self._deferred[entry.entry_id] = entry  # handled again once it is back
+                return
+            self.writes.entry_error(entry, "could not start the job", exc)
 
     def _handle_entry(self, entry: Entry) -> None:
         job = lifecycle.get_job(self.engine, entry.job_id)
         if job is None:
-            self._dead_letter(entry, f"no job {entry.job_id} in the database")
+            self.writes.dead_letter(entry, f"no job {entry.job_id} in the database")
             return
         if job["status"] in (lifecycle.JobStatus.done, lifecycle.JobStatus.failed):
             if job["status"] == lifecycle.JobStatus.done and job["kind"] == "train":
-                self._register_derived(job["id"])  # idempotent
-            self.queue.ack(entry.entry_id)  # finished already: a duplicate or stale delivery
+                self.writes.register_derived(job["id"])  # idempotent
+            self.writes.settle(entry)  # finished already: a duplicate or stale delivery
             self.stats.skipped += 1
             return
         if job["status"] == lifecycle.JobStatus.running and _lease_alive(job):
             return  # a live replica holds it; it acknowledges the entry when it finishes
         if entry.deliveries > self.delivery_limit:
-            self._dead_letter(entry, f"delivered {entry.deliveries} times without finishing")
+            reason = f"delivered {entry.deliveries} times without finishing"
+            self.writes.dead_letter(entry, reason)
             return
-        claim = lifecycle.claim(self.engine, entry.job_id, self.consumer, self.lease_seconds)
-        if claim is None:
-            return
-        spec = claim.spec
-        resources = spec.get("resources") or {}
-        num_gpus = float(resources.get("num_gpus") or 0)
-        if num_gpus > self._max_gpus:
-            message = (
-                f"the job asks for {num_gpus:g} GPUs but the largest node has "
-                f"{self._max_gpus:g}; lower `num_gpus` in the suite"
-            )
-            lifecycle.fail(
-                self.engine, claim.job_id, self.consumer, claim.attempt, message, permanent=True
-            )
-            self.queue.ack(entry.entry_id)
-            self.stats.failed += 1
-            self._event("failed", claim.job_id, message)
-            return
-        payload = dict(self.payload_base, job_id=claim.job_id, spec=spec, model=claim.model)
-        # Other models the job loads (transfer sources, static models): its kind says which.
-        payload["others"] = {
+        # Everything read before the claim: after it, nothing but starting the task may
+        # happen, or an outage in between would strand a claimed job for a lease.
+        spec = job["spec"]
+        others = {
             model_id: lifecycle.get_model(self.engine, model_id)
             for model_id in job_kind(spec.get("kind", "eval")).models(spec)
         }
+        limit = deadlines.limit_s(spec, self.max_job_seconds)
+        claim = lifecycle.claim(self.engine, entry.job_id, self.consumer, self.lease_seconds)
+        if claim is None:
+            return
+        resources = claim.spec.get("resources") or {}
+        num_gpus = float(resources.get("num_gpus") or 0)
+        if num_gpus > self._max_gpus:
+            outcome = JobFailure(
+                f"the job asks for {num_gpus:g} GPUs but the largest node has "
+                f"{self._max_gpus:g}; lower `num_gpus` in the suite",
+                permanent=True,
+            )
+            self.writes.owe(entry, claim.attempt, outcome)
+            self.writes.flush()
+            return
+        payload = dict(self.payload_base, job_id=claim.job_id, spec=claim.spec, model=claim.model)
+        payload["others"] = others  # other models its kind loads (transfer sources, ...)
         if self.progress_prefix:
             payload["progress_key"] = f"{self.progress_prefix}:progress:{claim.job_id}"
+        deadlines.stamp(payload, limit)
         handle = self.executor.submit(claim.job_id, payload, num_gpus, resources.get("memory_mb"))
-        self.running[claim.job_id] = _Running(handle, entry, claim.attempt)
-        self._event("started", claim.job_id, f"attempt {claim.attempt}")
+        self.running[claim.job_id] = _Running(handle, entry, claim.attempt, limit_s=limit)
+        self.event("started", claim.job_id, f"attempt {claim.attempt}")
 
     def fill(self, block_ms: int = 0) -> int:
         """Read new entries up to capacity; returns how many were delivered."""
-        if self.capacity == 0:
+        for entry_id in list(self._deferred):
+            if self.capacity == 0 or not self.links.up(REDIS, DATABASE):
+                return 0
+            self.handle_entry(self._deferred.pop(entry_id))
+        if self.capacity == 0 or not self.links.up(REDIS, DATABASE):
             return 0
-        entries = self.queue.read(self.consumer, count=self.capacity, block_ms=block_ms)
+        entries = self._try(self.queue.read, self.consumer, self.capacity, block_ms) or []
         for entry in entries:
             self.handle_entry(entry)
         return len(entries)
 
     def reap(self) -> int:
         """Take over entries idle past the lease: a dead replica's, or a failed try's."""
-        if self.capacity == 0:
+        if self.capacity == 0 or not self.links.up(REDIS, DATABASE):
             return 0  # reclaiming what we cannot run would only burn its deliveries
         min_idle = int(self.lease_seconds * 1000)
-        entries = self.queue.reclaim(self.consumer, min_idle, count=self.capacity)
+        entries = self._try(self.queue.reclaim, self.consumer, min_idle, self.capacity) or []
         for entry in entries:
             self.handle_entry(entry)
         self._max_gpus = self.executor.max_gpus()  # the cluster may have grown or shrunk
@@ -196,123 +245,99 @@ class Dispatcher:
         ready = self.executor.ready(handles, timeout)
         for handle in ready:
             running = self.running.pop(handle.job_id)
-            try:
-                self._finish(running, self.executor.outcome(handle))
-            except Exception as exc:  # noqa: BLE001 - one result must never stop the loop
-                self._entry_error(running.entry, "could not store the result", exc)
+            self.writes.owe(running.entry, running.attempt, self.executor.outcome(handle))
+        self.writes.flush()
         return len(ready)
 
-    def _finish(self, running: _Running, outcome: JobResult | JobFailure) -> None:
-        job_id, entry, attempt = running.handle.job_id, running.entry, running.attempt
-        if isinstance(outcome, JobResult):
-            if lifecycle.finish(self.engine, job_id, self.consumer, attempt, outcome):
-                if outcome.details.get("derived_weights_sha256"):
-                    # Before the ack: a crash here leaves the entry to be redelivered,
-                    # and registering the same derived model again changes nothing.
-                    if not self._register_derived(job_id):
-                        self.queue.ack(entry.entry_id)
-                        return
-                self.queue.ack(entry.entry_id)
-                self.stats.done += 1
-                self._event("done", job_id)
-            else:
-                # Our lease lapsed and another replica took the job: its result counts.
-                self._event("fenced", job_id, "lease lost; result discarded")
-            return
-        if outcome.permanent:
-            if lifecycle.fail(
-                self.engine, job_id, self.consumer, attempt, outcome.message, permanent=True
-            ):
-                self.queue.ack(entry.entry_id)
-                self.stats.failed += 1
-                self._event("failed", job_id, outcome.message)
-            return
-        counted = attempts.record_failure(
-            self.engine,
-            job_id,
-            self.consumer,
-            attempt,
-            outcome.message,
-            max_failures=self.max_failures,
-        )
-        if counted is None:
-            return  # fenced out: whoever holds the job now decides
-        gave_up, failures = counted
-        if gave_up:
-            self.queue.dead_letter(entry, outcome.message)
-            self.stats.dead += 1
-            self._event("dead", job_id, f"gave up after {failures} failures: {outcome.message}")
-            return
-        # Left unacknowledged on purpose: the reaper retries it after the lease.
-        self.stats.retried += 1
-        self._event("retry", job_id, outcome.message)
+    def check_deadlines(self) -> int:
+        """Cancel tasks past their time limit; their jobs fail, for good."""
+        now = time.monotonic()
+        late = [r for r in self.running.values() if deadlines.overdue(r.started, r.limit_s, now)]
+        for running in late:
+            self._stop(running)
+            self.stats.timed_out += 1
+            message = deadlines.message(running.started, running.limit_s, now)
+            self.writes.owe(running.entry, running.attempt, JobFailure(message, permanent=True))
+        self.writes.flush()
+        return len(late)
 
-    def _dead_letter(self, entry: Entry, reason: str) -> None:
-        lifecycle.fail_dead_lettered(self.engine, entry.job_id, reason)
-        self.queue.dead_letter(entry, reason)
-        self.stats.dead += 1
-        self._event("dead", entry.job_id, reason)
-
-    def _register_derived(self, job_id: int) -> bool:
-        """Register a train job's model; on an error the job fails with it stored."""
-        from gauntlet.scheduler.train import register_derived
-
+    def _stop(self, running: _Running) -> None:
+        """Cancel a task and forget it: whatever it returns now is never read."""
+        self.running.pop(running.handle.job_id, None)
         try:
-            register_derived(self.engine, self.queue, job_id)
-            return True
-        except Exception as exc:
-            if _unreachable(exc):
-                raise  # the entry stays pending and the next delivery registers it
-            message = f"trained, but registering the derived model failed: {_describe(exc)}"
-            attempts.fail_job(self.engine, job_id, message, keep_done=False)
-            self.stats.failed += 1
-            self._event("failed", job_id, message)
-            return False
-
-    def _entry_error(self, entry: Entry, what: str, exc: Exception) -> None:
-        """An error outside the job's own code: fail the job, or leave it for a retry.
-
-        When the database or Redis cannot be reached nothing can be recorded; the entry
-        stays pending and is delivered again after the lease. Anything else would fail
-        the same way on every delivery, so the job fails now with the error stored.
-        """
-        if _unreachable(exc):
-            log.warning("job %s: %s (%s); retried after the lease", entry.job_id, what, exc)
-            return
-        message = f"{what}: {_describe(exc)}"
-        log.exception("job %s: %s", entry.job_id, what)
-        try:
-            attempts.fail_job(self.engine, entry.job_id, message)
-            self.queue.ack(entry.entry_id)
-        except Exception:  # noqa: BLE001 - recording the failure failed too: retry later
-            log.exception("job %s: could not record the failure", entry.job_id)
-            return
-        self.stats.failed += 1
-        self._event("failed", entry.job_id, message)
+            self.executor.cancel(running.handle)
+        except Exception:  # noqa: BLE001 - a task that cannot be cancelled is finished
+            log.warning("job %s: cancelling its task failed", running.handle.job_id, exc_info=True)
 
     def reconcile(self, *, force: bool = False) -> int:
         """Run the reconciler if due (or ``force``); how many jobs it repaired."""
-        if self.reconciler is None or not (force or self.reconciler.due()):
+        if self.reconciler is None or not self.links.up(REDIS, DATABASE):
+            return 0
+        after_outage = self._repair_due
+        if not (force or after_outage or self.reconciler.due()):
             return 0
         try:
-            report = self.reconciler.run()
-        except Exception:  # noqa: BLE001 - a failed repair is retried next period
-            log.exception("reconciling SQL with the stream failed")
+            if after_outage:
+                # Not through the replicas' shared lock: it may have survived the outage
+                # and speak of a repair from before it.
+                grace = self.reconciler.grace_seconds
+                report = repair(self.engine, self.queue, grace_seconds=grace)
+            else:
+                report = self.reconciler.run()
+        except Exception as exc:  # noqa: BLE001 - a failed repair is retried next period
+            if not self.note_outage(exc):
+                log.exception("reconciling SQL with the stream failed")
             return 0
+        self._repair_due = False
         if report is None:
             return 0
         for job_id in report.enqueued + report.adopted:
-            self._event("repaired", job_id)
+            self.event("repaired", job_id)
         return report.repaired
 
     def heartbeat(self) -> None:
-        """Extend the SQL leases and the stream entries' idle clocks of running jobs."""
-        for job_id, running in list(self.running.items()):
-            lifecycle.renew(self.engine, job_id, self.consumer, running.attempt, self.lease_seconds)
-        if self.running:
-            self.queue.heartbeat(self.consumer, [r.entry.entry_id for r in self.running.values()])
+        """Extend the SQL leases and the stream entries' idle clocks of running jobs.
+
+        A job whose row is no longer ours (an operator cancelled it, or our lease lapsed
+        and another replica took it) has its task stopped, and nothing is written.
+        """
+        if self.links.up(DATABASE):
+            for job_id, running in list(self.running.items()):
+                try:
+                    ours = lifecycle.renew(
+                        self.engine, job_id, self.consumer, running.attempt, self.lease_seconds
+                    )
+                except Exception as exc:  # noqa: BLE001 - renewed at the next beat
+                    if self.note_outage(exc):
+                        break
+                    log.exception("job %s: renewing its lease failed", job_id)
+                    continue
+                if not ours:
+                    self._stop(running)
+                    self.stats.cancelled += 1
+                    self.event("cancelled", job_id, "the job is no longer ours; task stopped")
+        # Outcomes waiting for SQL keep their entries too, or a reaper would rerun them.
+        held = [r.entry.entry_id for r in self.running.values()]
+        held += self.writes.held_entries()
+        if held and self.links.up(REDIS):
+            try:
+                self.queue.heartbeat(self.consumer, held)
+            except Exception as exc:  # noqa: BLE001 - beaten again at the next beat
+                if not self.note_outage(exc):
+                    log.exception("renewing the stream entries failed")
 
     # -- the loop -------------------------------------------------------------------------
+
+    def drained(self) -> bool:
+        """Nothing left anywhere: no task, nothing owed, no outage hiding work, and the
+        stream and SQL agree there is nothing to do."""
+        if self.running or self.writes.pending or self._deferred or self.links.down():
+            return False
+        if not self._try(self.queue.is_empty):
+            return False
+        # An empty stream is not enough: SQL may still hold work whose entry was lost,
+        # which the reconciler gives a new entry within a lease period.
+        return self.reconciler is None or self._try(unfinished, self.engine) == 0
 
     def run(
         self,
@@ -329,39 +354,34 @@ class Dispatcher:
         last_reap = last_beat = 0.0
         self.reconcile(force=True)  # entries lost while no scheduler ran
         while True:
+            self.links.probe()
+            self.writes.flush()  # before a repair could take our finished jobs for lost
             now = time.monotonic()
             if now - last_reap >= reap_every:
                 self.reap()
                 last_reap = now
             self.reconcile()
             # Block on the stream only when nothing runs: otherwise poll the tasks.
-            self.fill(block_ms=0 if self.running else int(poll_seconds * 1000))
+            idle = not self.running and not self.links.down()
+            self.fill(block_ms=int(poll_seconds * 1000) if idle else 0)
             if self.running:
                 self.collect(timeout=poll_seconds)
+                self.check_deadlines()
+            elif self.links.down():
+                time.sleep(min(poll_seconds, max(0.01, self.links.next_probe_in())))
             if time.monotonic() - last_beat >= beat_every:
                 self.heartbeat()
                 last_beat = time.monotonic()
             if should_stop and should_stop():
                 break
-            # An empty stream is not enough: SQL may still hold work whose entry was
-            # lost, which the reconciler gives a new entry within a lease period.
-            if drain and not self.running and self.queue.is_empty():
-                if self.reconciler is None or not unfinished(self.engine):
-                    break
+            if drain and self.drained():
+                break
+        if self.writes.owed:
+            log.warning(
+                "stopping with %d results not written; their jobs run again after the lease",
+                len(self.writes.owed),
+            )
         return self.stats
-
-
-def _unreachable(exc: BaseException) -> bool:
-    """The database or Redis is down or cut off: nothing about the job itself."""
-    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-        return True
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError))
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _lease_alive(job: dict) -> bool:

@@ -1,16 +1,21 @@
 """Where a claimed job runs: a Ray task, or in-process (same contract).
 
-The dispatcher only sees ``submit``/``ready``/``outcome``. The local executor runs jobs
-in this process, which lets service tests exercise the whole queue and database path
-without starting Ray (like rq's burst worker). It runs them on one background thread,
-one at a time in submission order: the dispatcher's loop must keep renewing the leases
-of the jobs it holds while one runs, or another replica would take a job that is alive
-and throw its result away.
+The dispatcher only sees ``submit``/``ready``/``outcome``/``cancel``. The local executor
+runs jobs in this process, which lets service tests exercise the whole queue and
+database path without starting Ray (like rq's burst worker). It runs them on one
+background thread, one at a time in submission order: the dispatcher's loop must keep
+renewing the leases of the jobs it holds while one runs, or another replica would take
+a job that is alive and throw its result away.
+
+Cancelling a Ray task kills its worker process. A Python thread cannot be killed, so
+cancelling the local job that runs abandons it instead: its thread finishes (or stops
+at its deadline, where the job checks one) with nobody waiting for it, and a fresh
+thread takes the next job, so one job past its limit never holds up the rest.
 """
 
 from __future__ import annotations
 
-import queue
+import collections
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,16 +39,19 @@ class Executor(Protocol):
 
     def outcome(self, handle: Handle) -> JobResult | JobFailure: ...
 
+    def cancel(self, handle: Handle) -> None: ...
+
     def max_gpus(self) -> float: ...
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two runs are never the same run
 class _LocalRun:
     """A job on the local worker thread: its outcome once ``finished`` is set."""
 
     payload: dict
     finished: threading.Event = field(default_factory=threading.Event)
     value: Any = None
+    abandoned: bool = False
 
 
 class LocalExecutor:
@@ -51,29 +59,44 @@ class LocalExecutor:
 
     def __init__(self, gpus: float = 0.0):
         self.gpus = gpus
-        self._todo: queue.SimpleQueue[_LocalRun] = queue.SimpleQueue()
+        self._todo: collections.deque[_LocalRun] = collections.deque()
         self._done = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the one thread taking new jobs
+        self._current: _LocalRun | None = None
+
+    def _start_thread(self) -> None:
+        # A daemon: a scheduler that stops (SIGTERM) must not wait for a job whose
+        # result it will no longer write; another replica reclaims that job.
+        self._thread = threading.Thread(target=self._work, name="local-jobs", daemon=True)
+        self._thread.start()
 
     def _work(self) -> None:
+        me = threading.current_thread()
         while True:
-            run = self._todo.get()
-            try:
-                run.value = run_job(run.payload)
-            except Exception as exc:  # noqa: BLE001 - same classification as a failed Ray task
-                run.value = JobFailure(message=f"{type(exc).__name__}: {exc}", permanent=False)
             with self._done:
+                while self._thread is me and not self._todo:
+                    self._done.wait()
+                if self._thread is not me:
+                    return  # retired: its job was abandoned, a fresh thread took over
+                run = self._current = self._todo.popleft()
+            try:
+                value = run_job(run.payload)
+            except Exception as exc:  # noqa: BLE001 - same classification as a failed Ray task
+                value = JobFailure(message=f"{type(exc).__name__}: {exc}", permanent=False)
+            with self._done:
+                run.value = value
                 run.finished.set()
+                if self._current is run:
+                    self._current = None
                 self._done.notify_all()
 
     def submit(self, job_id, payload, num_gpus, memory_mb):
-        if self._thread is None:
-            # A daemon: a scheduler that stops (SIGTERM) must not wait for a job whose
-            # result it will no longer write; another replica reclaims that job.
-            self._thread = threading.Thread(target=self._work, name="local-jobs", daemon=True)
-            self._thread.start()
         run = _LocalRun(payload)
-        self._todo.put(run)
+        with self._done:
+            if self._thread is None:
+                self._start_thread()
+            self._todo.append(run)
+            self._done.notify_all()
         return Handle(job_id, run)
 
     def ready(self, handles, timeout):
@@ -83,6 +106,19 @@ class LocalExecutor:
 
     def outcome(self, handle):
         return handle.ref.value
+
+    def cancel(self, handle):
+        run = handle.ref
+        with self._done:
+            run.abandoned = True
+            if run in self._todo:
+                self._todo.remove(run)  # not started: simply never run
+            elif self._current is run and not run.finished.is_set():
+                # Running: retire its thread (it exits when the job returns) and let a
+                # new one take the queue.
+                self._current = None
+                self._start_thread()
+            self._done.notify_all()
 
     def max_gpus(self):
         return self.gpus
@@ -114,6 +150,11 @@ class RayExecutor:
             done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
         done_set = set(done)
         return [h for h in handles if h.ref in done_set]
+
+    def cancel(self, handle):
+        # force: kill the worker process, whatever the task is doing (recursive by
+        # default: its own children, PATE's teachers, go too).
+        self._ray.cancel(handle.ref, force=True)
 
     def outcome(self, handle):
         try:

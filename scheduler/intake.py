@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 import torch
@@ -112,18 +114,14 @@ def check_work(suite: str, dataset: str, n: int | None, max_work: int) -> None:
             raise GauntletError(f"suite {suite!r}: {exc}") from None
 
 
-def check_submission(
-    settings: Settings,
-    weights,
-    *,
-    arch: str,
-    dataset: str,
-    suite: str,
-    name: str | None = None,
-    n: int | None = None,
-    input_overrides: dict | None = None,
-) -> str | None:
-    """Every check of a submission, cheapest first; returns the model's note, if any."""
+def check_submission(settings: Settings, weights, submission: Mapping[str, Any]) -> str | None:
+    """Every check of a submission, cheapest first; returns the model's note, if any.
+
+    ``submission`` holds ``submit``'s keyword arguments (arch, dataset, suite, name, n,
+    input_overrides), which ``submit`` passes through unchanged.
+    """
+    arch, dataset, suite = submission["arch"], submission["dataset"], submission["suite"]
+    name, n = submission.get("name"), submission.get("n")
     path = check_weights_file(weights, settings.max_weights_bytes)
     # The name stored is submit's: the one given, else the file's stem (also user text).
     check_name(name or path.stem, "model name" if name else "model name (the file's name)")
@@ -131,7 +129,7 @@ def check_submission(
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise GauntletError(f"Expected `--n` to be a positive integer, but got {n!r}")
     check_architecture(arch)
-    spec = default_input_spec(dataset, **(input_overrides or {}))
+    spec = default_input_spec(dataset, **(submission.get("input_overrides") or {}))
     load_suite(suite)
     check_safetensors(path)
     note = weights_note(path, arch, spec, settings.max_parameters)

@@ -8,6 +8,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.app import App
 from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
+from gauntlet.scheduler.outage import service_of
 from gauntlet.scheduler.submit import enqueue_new
 
 _FINAL = {"done", "failed", "dead"}
@@ -39,14 +40,20 @@ def run_scheduler(
     should_stop=None,
 ):
     # Rows a crashed submit inserted without enqueueing get their stream entry now; the
-    # dispatcher's reconciler then repairs whatever else the stream lost.
-    enqueue_new(app.engine, app.queue)
+    # dispatcher's reconciler then repairs whatever else the stream lost, so a service
+    # that is away at this moment only leaves the work to it.
+    pending = []
+    try:
+        enqueue_new(app.engine, app.queue)
+        pending = [
+            j
+            for j in lifecycle.list_jobs(app.engine, limit=None)
+            if str(getattr(j["status"], "value", j["status"])) in ("queued", "running")
+        ]
+    except Exception as exc:  # noqa: BLE001 - only an outage may pass; it is ridden through
+        if service_of(exc) is None:
+            raise
     executor = make_executor(app, local=local, num_cpus=num_cpus, num_gpus=num_gpus)
-    pending = [
-        j
-        for j in lifecycle.list_jobs(app.engine, limit=None)
-        if str(getattr(j["status"], "value", j["status"])) in ("queued", "running")
-    ]
     if console is None or not drain:
         dispatcher = app.dispatcher(executor, max_in_flight=max_in_flight)
         return dispatcher.run(drain=drain, should_stop=should_stop)
@@ -62,7 +69,7 @@ def run_scheduler(
         task = progress.add_task("", total=len(pending))
 
         def on_event(kind: str, job_id: int, message: str) -> None:
-            if kind in _FINAL:
+            if kind in _FINAL or kind == "cancelled":
                 progress.advance(task)
             if kind in ("failed", "dead"):
                 # The message quotes user text (names, paths): escaped, never markup.

@@ -7,7 +7,7 @@ only the database, so ``gauntlet leaderboard`` never starts Redis or Ray.
 
 from __future__ import annotations
 
-from gauntlet.scheduler import intake, lifecycle, train
+from gauntlet.scheduler import inspection, intake, lifecycle, operator, reconcile, train
 from gauntlet.scheduler.app import App
 from gauntlet.scheduler.boards.calibration import calibration_table
 from gauntlet.scheduler.boards.leaderboard import leaderboard as leaderboard_entries
@@ -18,15 +18,8 @@ from gauntlet.scheduler.submit import submit as submit_weights
 
 
 def submit_model(app: App, weights, **options) -> SubmitReport:
-    """Submit a safetensors model; ``options`` are ``submit.submit``'s keywords.
-
-    The intake checks (caps, names, dtypes) run first, so a refused submission stores
-    nothing; a note they return (weights converted to float32) goes on the model row.
-    """
-    note = intake.check_submission(app.settings, weights, **options)
-    report = submit_weights(app.settings, app.engine, app.queue, weights, **options)
-    intake.store_note(app.engine, report.model_id, note)
-    return report
+    """Submit a safetensors model; ``options`` are ``submit.submit``'s keywords."""
+    return submit_weights(app.settings, app.engine, app.queue, weights, **options)
 
 
 def list_jobs(app: App, **filters) -> list[dict]:
@@ -40,6 +33,35 @@ def list_models(app: App) -> list[dict]:
 
 def subtasks(app: App, job_id: int) -> list[dict]:
     return lifecycle.list_subtasks(app.engine, job_id)
+
+
+def job_detail(app: App, job_id: int) -> dict:
+    """One job with its metrics, sub-tasks and, while it runs, its progress."""
+    return inspection.job_detail(app, job_id)
+
+
+def active_jobs(app: App, **filters) -> int:
+    """Queued and running jobs; ``filters`` are ``model`` and ``dataset``."""
+    return inspection.active_jobs(app, **filters)
+
+
+def cancel_jobs(app: App, job_ids=(), *, model: str | None = None) -> operator.CancelReport:
+    """Cancel jobs by id, or every queued and running job of a model."""
+    return operator.cancel(app, job_ids, model=model)
+
+
+def rerun_jobs(app: App, job_ids=(), **selection) -> operator.RerunReport:
+    """Queue finished jobs again; ``selection`` is ``failed``, ``dead`` and ``force``."""
+    return operator.rerun(app, job_ids, **selection)
+
+
+def queue_state(app: App) -> dict:
+    return inspection.queue_state(app)
+
+
+def repair_queue(app: App) -> reconcile.RepairReport:
+    """Give every stranded job one stream entry (what schedulers do once per lease)."""
+    return reconcile.repair_queue(app)
 
 
 def request_training(

@@ -2,9 +2,10 @@
 
 A spec names everything that decides the numbers (model, dataset subset, attack with
 its resolved configuration, threat) and, apart from that, how to run it (GPUs,
-memory, batch size). The job key hashes only the first part: running the same
-evaluation on other hardware is the same job, while changing an attack's defaults
-changes its ``repr`` and so its key, which is how nightly runs find what changed.
+memory, batch size, time limit). The job key hashes only the first part: running the
+same evaluation on other hardware, or with more time, is the same job, while changing
+an attack's defaults changes its ``repr`` and so its key, which is how nightly runs
+find what changed.
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def _settings_checker(kind: str):
     from gauntlet.workers.jobs import job_kind
 
     return job_kind(kind).check
+
+
+def check_timeout(value: Any, where: str = "") -> None:
+    """``timeout_s`` is None or a positive, finite number of seconds."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is not None and not (ok and 0 < value < float("inf")):
+        prefix = f"{where}: " if where else ""
+        raise GauntletError(
+            f"{prefix}Expected `timeout_s` to be a positive number of seconds, but got {value!r}"
+        )
 
 
 def canonical_json(value: Any) -> str:
@@ -111,6 +122,9 @@ class JobSpec:
     # ensemble of surrogates (their mean logits, Liu et al. 2017).
     source_model: str | None = None
     source_ensemble: list = field(default_factory=list)
+    # Seconds the job may run (None: its kind's default); how to run it, not what it
+    # computes, so it stays out of the job key like ``resources``.
+    timeout_s: float | None = None
 
     @property
     def subset_key(self) -> str:
@@ -161,6 +175,7 @@ class JobSpec:
             raise GauntletError(f"Expected `attack` to be a name, but got {self.attack!r}")
         if not isinstance(self.params, dict):
             raise GauntletError(f"Expected `params` to be a mapping, but got {self.params!r}")
+        check_timeout(self.timeout_s)
         check = _settings_checker(self.kind)
         if check is not None:
             check(self.attack, self.params)
@@ -216,6 +231,7 @@ class JobSpec:
 
     @property
     def key(self) -> str:
+        # Only what decides the numbers: resources, batch size and timeout_s stay out.
         identity = {
             "v": EVAL_VERSION,
             "kind": self.kind,

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gauntlet.cluster.artifacts import ArtifactStore
-from gauntlet.cluster.errors import GauntletError
 from gauntlet.cluster.settings import Settings
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.enqueue import enqueue_once
 from gauntlet.scheduler.queue import JobQueue
 from gauntlet.scheduler.spec import JobSpec, canonical_json
 from gauntlet.scheduler.suites import Suite, load_suite
-from gauntlet.workers.architectures import check_architecture
 from gauntlet.workers.datasets import dataset_info
-from gauntlet.workers.models import InputSpec, check_safetensors
+from gauntlet.workers.models import InputSpec
 
 
 @dataclass
@@ -134,14 +132,15 @@ def submit(
     n: int | None = None,
     input_overrides: dict | None = None,
 ) -> SubmitReport:
+    # Every check first (intake: caps, names, dtypes, the suite), so a refused
+    # submission stores nothing. Imported here: intake builds on this module.
+    from gauntlet.scheduler import intake
+
+    options = {"arch": arch, "dataset": dataset, "suite": suite, "name": name, "n": n}
+    options["input_overrides"] = input_overrides
+    note = intake.check_submission(settings, weights, options)
     path = Path(weights)
-    if not path.is_file():
-        raise GauntletError(f"weights file {str(path)!r} does not exist")
-    # Cheap, static checks first, so a bad submission stores nothing.
-    check_architecture(arch)
     input_spec = default_input_spec(dataset, **(input_overrides or {}))
-    load_suite(suite)
-    check_safetensors(path)
 
     weights_sha = ArtifactStore(settings.artifacts).put_file(path)
     model_id = model_key(weights_sha, arch, dataset, input_spec)
@@ -156,6 +155,7 @@ def submit(
         input_spec=input_spec.to_dict(),
         weights_sha256=weights_sha,
     )
+    intake.store_note(engine, model_id, note)
     inserted = lifecycle.insert_jobs(engine, new_jobs(specs, suite))
     enqueued = enqueue_new(engine, queue)
     return SubmitReport(model_id, display, created, len(specs), len(inserted), enqueued)

@@ -13,10 +13,21 @@ from fractions import Fraction
 from typing import Any
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.scheduler.spec import MAX_SEED
+from gauntlet.scheduler.spec import MAX_SEED, check_timeout
+from gauntlet.workers.hyperparams import expect_int
 
-EVAL_FIELDS = ("attack", "norm", "eps", "params", "eps_sweep", "eot_samples", "adaptive", "kind")
-TRANSFER_FIELDS = ("attack", "norm", "eps", "params", "ensemble")
+EVAL_FIELDS = (
+    "attack",
+    "norm",
+    "eps",
+    "params",
+    "eps_sweep",
+    "eot_samples",
+    "adaptive",
+    "kind",
+    "timeout_s",
+)
+TRANSFER_FIELDS = ("attack", "norm", "eps", "params", "ensemble", "timeout_s")
 DEFENSE_FIELDS = ("name", "params")
 
 
@@ -34,17 +45,10 @@ def number(value: Any, what: str, where: str | None = None) -> float:
 
 
 def integer(where: str, field: str, value: Any, low: int, high: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise GauntletError(
-            f"{where}: Expected `{field}` to be an integer {bound}, but got {value!r}"
-        )
-    return value
+    try:
+        return expect_int(field, value, low, high)
+    except GauntletError as exc:
+        raise GauntletError(f"{where}: {exc}") from None
 
 
 def text(where: str, field: str, value: Any) -> str:
@@ -125,6 +129,7 @@ def evaluation(where: str, item: Any, allowed: tuple[str, ...] = EVAL_FIELDS) ->
             )
     if "eot_samples" in item:
         integer(where, "eot_samples", item["eot_samples"], 1, 1000)
+    check_timeout(item.get("timeout_s"), where)
     for field in ("adaptive", "ensemble"):
         if item.get(field) is not None and not isinstance(item[field], bool):
             raise GauntletError(

@@ -126,6 +126,7 @@ class Suite:
             resources=Resources.from_dict(self.resources, f"suite {self.name!r}"),
             eps_sweep=sorted(set(sweep)),
             kind=item.get("kind", "eval"),
+            timeout_s=item.get("timeout_s"),  # checked by suite_fields; not in the job key
         )
         if defense is None:
             return [JobSpec(**common)]

@@ -88,3 +88,30 @@ def entries_per_job(queue) -> collections.Counter:
     return collections.Counter(
         int(fields["job_id"]) for _id, fields in queue.client.xrange(queue.stream)
     )
+
+
+def metric_sets(engine) -> dict[int, list[str]]:
+    """Each job's metric names, repeats kept: a result written twice shows twice."""
+    import sqlalchemy as sa
+
+    from gauntlet.db.schema import MetricRow
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(MetricRow.job_id, MetricRow.name)).all()
+    names: dict[int, list[str]] = {}
+    for job_id, name in rows:
+        names.setdefault(job_id, []).append(name)
+    return names
+
+
+def register_sleeper(name: str, seconds: float) -> type:
+    """Register a third-party attack that sleeps ``seconds`` and fools nothing."""
+    from gauntlet.workers.attacks import register_attack
+    from gauntlet.workers.attacks.base import Attack, RunOutput
+
+    def run(self, model, x, y, threat, generator):
+        time.sleep(seconds)
+        return RunOutput(x_adv=x, fooled=x.new_zeros(len(x), dtype=bool))
+
+    attrs = {"name": name, "needs_threat": False, "run": run}
+    return register_attack(type(f"Sleep{seconds:g}s", (Attack,), attrs))

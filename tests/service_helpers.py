@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.app import App
 from gauntlet.scheduler.submit import default_input_spec, submit
 from gauntlet.workers.datasets import load_split
@@ -28,6 +29,12 @@ def train_digits_models(folder: Path, epochs: int = 12) -> dict[str, Path]:
         paths[name] = folder / f"{name}.safetensors"
         save_classifier(net, paths[name])
     return paths
+
+
+def add_model(engine, id: str, name: str, **fields) -> bool:
+    """upsert_model with the fields a test does not care about filled in."""
+    defaults = {"arch": "mlp", "dataset": "digits", "input_spec": {}, "weights_sha256": "b" * 64}
+    return lifecycle.upsert_model(engine, id=id, name=name, **(defaults | fields))
 
 
 def make_app(home: Path, **overrides) -> App:

@@ -12,6 +12,7 @@ from gauntlet.db import open_database
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.boards.leaderboard import leaderboard
 from gauntlet.workers.results import JobResult, pack, wilson_interval
+from tests.service_helpers import add_model as add_model_row
 
 N = 10
 SUBSET = f"digits:test:{N}:0"
@@ -26,15 +27,7 @@ def engine(db_url: str):
 
 def add_model(engine: sa.Engine, name: str, dataset: str = "digits") -> str:
     model_id = name.encode().hex().ljust(64, "0")
-    lifecycle.upsert_model(
-        engine,
-        id=model_id,
-        name=name,
-        arch="mlp",
-        dataset=dataset,
-        input_spec={},
-        weights_sha256="0" * 64,
-    )
+    add_model_row(engine, model_id, name, dataset=dataset)
     return model_id
 
 

@@ -12,15 +12,10 @@ from gauntlet.cluster.errors import GauntletError
 from gauntlet.db import JobStatus, MetricRow, Outcome, open_database
 from gauntlet.scheduler import lifecycle
 from gauntlet.workers.results import JobResult, Metric, pack
+from tests.service_helpers import add_model
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=timezone.utc)
 MODEL_ID = "a" * 64
-
-
-def add_model(engine: sa.Engine, id: str, name: str, **fields) -> bool:
-    """upsert_model with the fields a test does not care about filled in."""
-    defaults = {"arch": "mlp", "dataset": "digits", "input_spec": {}, "weights_sha256": "b" * 64}
-    return lifecycle.upsert_model(engine, id=id, name=name, **(defaults | fields))
 
 
 @pytest.fixture

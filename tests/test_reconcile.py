@@ -16,7 +16,7 @@ from gauntlet.scheduler.reconcile import find_stranded, repair
 from gauntlet.scheduler.submit import enqueue_new, expand_suite, new_jobs
 from tests import queue_helpers
 from tests.queue_helpers import entries_per_job, fgsm_suite, statuses
-from tests.service_helpers import make_app, submit_digits
+from tests.service_helpers import add_model, make_app, submit_digits
 
 own_redis = queue_helpers.own_redis
 fault_stack = queue_helpers.fault_stack
@@ -125,15 +125,7 @@ def test_enqueue_markers_young_and_stale(tmp_path, digits_models, fault_stack):
     """A marker means an enqueue under way; only one older than the grace is repaired."""
     app = _app(tmp_path, fault_stack)
     specs = expand_suite(fgsm_suite(tmp_path, 3), "m" * 64, "digits")
-    lifecycle.upsert_model(
-        app.engine,
-        id="m" * 64,
-        name="m",
-        arch="small-cnn",
-        dataset="digits",
-        input_spec={},
-        weights_sha256="0" * 64,
-    )
+    add_model(app.engine, "m" * 64, "m", arch="small-cnn")
     young, old, written = lifecycle.insert_jobs(app.engine, new_jobs(specs, "s"))
     stale_marker = "pending:1000:abc"  # written in 1970: its enqueuer is long dead
     entry = app.queue.enqueue(written)  # XADDed, but its id never reached SQL

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from gauntlet.db.schema import MetricRow
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.executors import LocalExecutor
-from gauntlet.workers.attacks import register_attack
-from gauntlet.workers.attacks.base import Attack, RunOutput
+from tests.outage_helpers import start_scheduler
 from tests.service_helpers import make_app, submit_digits
-
-
-@register_attack
-class FailingTwice(Attack):
-    """A third-party attack whose worker dies on its first two tries (e.g. a lost node)."""
-
-    name = "test-fails-twice"
-    needs_threat = False
-    tries: dict = {}
-
-    def run(self, model, x, y, threat, generator):
-        key = tuple(y.tolist())
-        FailingTwice.tries[key] = FailingTwice.tries.get(key, 0) + 1
-        if FailingTwice.tries[key] <= 2:
-            raise RuntimeError("worker lost its node")
-        return RunOutput(x_adv=x, fooled=x.new_zeros(len(x), dtype=bool))
 
 
 def _suite(tmp_path: Path, attack: str, n: int = 20) -> str:
@@ -44,33 +23,6 @@ def _suite(tmp_path: Path, attack: str, n: int = 20) -> str:
 
 def _status(row) -> str:
     return str(getattr(row["status"], "value", row["status"]))
-
-
-@pytest.mark.parametrize("max_deliveries, expected", [(3, "done"), (2, "failed")])
-def test_transient_failures_retry_then_dead_letter(
-    tmp_path, digits_models, max_deliveries, expected
-):
-    FailingTwice.tries.clear()
-    app = make_app(
-        tmp_path / "home", GAUNTLET_LEASE_SECONDS=0.3, GAUNTLET_MAX_DELIVERIES=max_deliveries
-    )
-    submit_digits(
-        app,
-        digits_models["standard"],
-        suite=_suite(tmp_path, "test-fails-twice"),
-    )
-    stats = app.dispatcher(LocalExecutor()).run(drain=True)
-    (row,) = lifecycle.list_jobs(app.engine)
-    assert _status(row) == expected
-    if expected == "done":
-        # Two transient failures, each retried after the lease, then success.
-        assert (stats.retried, stats.done, row["attempts"]) == (2, 1, 3)
-    else:
-        assert (stats.retried, stats.dead, row["attempts"]) == (1, 1, 2)
-        assert "gave up after 2 failures: RuntimeError: worker lost its node" in row["error"]
-        (dead,) = app.queue.dead_letters()
-        assert int(dead["job_id"]) == row["id"]
-    assert app.queue.is_empty()
 
 
 def test_killed_scheduler_job_is_reclaimed_and_finished_once(tmp_path, digits_models):
@@ -88,17 +40,11 @@ def test_killed_scheduler_job_is_reclaimed_and_finished_once(tmp_path, digits_mo
     )
     (job,) = lifecycle.list_jobs(app.engine)
 
-    env = dict(os.environ, GAUNTLET_HOME=str(app.settings.home), GAUNTLET_LEASE_SECONDS="2")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gauntlet.scheduler.cli", "scheduler", "--local"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_scheduler(app.settings.home, {"GAUNTLET_LEASE_SECONDS": "2"})
     try:
         deadline = time.monotonic() + 60
         while _status(lifecycle.get_job(app.engine, job["id"])) != "running":
-            assert proc.poll() is None, proc.stderr.read().decode()
+            assert proc.poll() is None, (app.settings.home / "scheduler.log").read_text()
             assert time.monotonic() < deadline, "the scheduler never claimed the job"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)

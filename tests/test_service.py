@@ -12,7 +12,7 @@ from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
 from gauntlet.scheduler.nightly import nightly
 from gauntlet.workers.datasets import eval_subset
 from gauntlet.workers.models import InputSpec, load_classifier
-from tests.service_helpers import make_app, submit_digits
+from tests.service_helpers import add_model, make_app, submit_digits
 
 N = 100
 
@@ -145,12 +145,11 @@ def test_bad_inputs_fail_their_job_and_the_rest_finish(tmp_path, digits_models):
     good_sha = next(m for m in lifecycle.list_models(app.engine) if m["id"] == good.model_id)[
         "weights_sha256"
     ]
-    lifecycle.upsert_model(
+    add_model(
         app.engine,
-        id="f" * 64,
-        name="ghost-arch",
+        "f" * 64,
+        "ghost-arch",
         arch="no-such-net",
-        dataset="digits",
         input_spec=InputSpec(1, 8, 8, 10).to_dict(),
         weights_sha256=good_sha,
     )

@@ -1,8 +1,9 @@
 """The function a Ray task (or the local executor) runs for one job.
 
-It classifies failures at the source: ``GauntletError`` (the submitter's problem) comes
-back as a permanent ``JobFailure``; anything else propagates, and the scheduler treats
-it as transient (a lost node, an out-of-memory kill) and retries.
+It classifies failures at the source: ``GauntletError`` (the submitter's problem, or a
+job that ran out of time) comes back as a permanent ``JobFailure``; anything else
+propagates, and the scheduler treats it as transient (a lost node, an out-of-memory
+kill) and retries. The payload's deadline holds whatever the job fans out to it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import socket
 
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.context import JobContext
+from gauntlet.workers.fanout import job_deadline
 from gauntlet.workers.jobs import job_kind
 from gauntlet.workers.results import JobFailure, JobResult
 
@@ -22,9 +24,12 @@ def _progress_reporter(redis_url: str | None, key: str | None):
     if not redis_url or not key:
         return None
     import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     try:
-        client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        # No retries: while Redis is away, a progress update should cost nothing.
+        client = redis.Redis.from_url(redis_url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
     except (redis.RedisError, ValueError):
         return None
 
@@ -86,15 +91,16 @@ def run_spec(
 def run_job(payload: dict) -> JobResult | JobFailure:
     progress = _progress_reporter(payload.get("redis_url"), payload.get("progress_key"))
     try:
-        return run_spec(
-            payload["spec"],
-            payload["model"],
-            artifacts=payload["artifacts"],
-            data_root=payload["data_root"],
-            progress=progress,
-            device_label=_device_label(),
-            others=payload.get("others"),
-            checkpoint_name=f"job-{payload['job_id']}" if "job_id" in payload else None,
-        )
+        with job_deadline(payload.get("deadline"), payload.get("time_limit_s")):
+            return run_spec(
+                payload["spec"],
+                payload["model"],
+                artifacts=payload["artifacts"],
+                data_root=payload["data_root"],
+                progress=progress,
+                device_label=_device_label(),
+                others=payload.get("others"),
+                checkpoint_name=f"job-{payload['job_id']}" if "job_id" in payload else None,
+            )
     except GauntletError as exc:
         return JobFailure(message=str(exc), permanent=True, worker_host=socket.gethostname())

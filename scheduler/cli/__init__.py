@@ -106,4 +106,4 @@ def main():
 
 
 # Registers the commands: these modules import ``main`` from here.
-from gauntlet.scheduler.cli import boards, operations, submit_jobs  # noqa: E402, F401
+from gauntlet.scheduler.cli import boards, operations, operator, submit_jobs  # noqa: E402, F401

@@ -64,13 +64,27 @@ def _floats(text: str | None, what: str):
 @click.option("--model", help="Model name or id prefix.")
 @click.option("--dataset")
 @click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--watch", is_flag=True, help="Refresh until no job is queued or running.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between refreshes of --watch.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def jobs(ctx, status, model, dataset, limit, as_json):
-    """List jobs and their status."""
+def jobs(ctx, status, model, dataset, limit, watch, interval, as_json):
+    """List jobs and their status (with --watch, until none is queued or running)."""
     from gauntlet.scheduler import service
 
-    rows = service.list_jobs(_app(ctx), status=status, model=model, dataset=dataset, limit=limit)
+    filters = {"status": status, "model": model, "dataset": dataset, "limit": limit}
+    if watch:
+        from gauntlet.scheduler.cli.operator import watch_jobs
+
+        watch_jobs(ctx, filters, interval, as_json)
+        return
+    rows = service.list_jobs(_app(ctx), **filters)
     _listing(rows, as_json, tables.jobs_table)
 
 

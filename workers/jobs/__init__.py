@@ -3,8 +3,9 @@
 A kind declares its name, its runner (``run(ctx) -> JobResult``), the board that reads
 its results, for kinds whose ``attack`` field names a procedure the settings check (the
 same check runs at submit time in the scheduler and again in the worker), and which
-other models a job of it loads. The scheduler and the task entry look kinds up here and
-never list them, so a new kind is its module, its tests and a README line.
+other models a job of it loads, and its default time limit. The scheduler and the task
+entry look kinds up here and never list them, so a new kind is its module, its tests
+and a README line.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ def _no_models(spec: dict) -> list[str]:
     return []
 
 
+HOUR = 3600.0
+# What a kind gets unless it says otherwise: an attack on a few thousand points.
+DEFAULT_TIME_LIMIT_S = 2 * HOUR
+
+
 @dataclass(frozen=True)
 class JobKind:
     name: str
@@ -53,6 +59,9 @@ class JobKind:
     # Ids of other models a job loads (transfer sources, static models); the dispatcher
     # sends their rows along with the job.
     models: Callable[[dict], list[str]] = _no_models
+    # Seconds a job of this kind may run before it is cancelled and failed; an
+    # evaluation's ``timeout_s`` overrides it, the global cap bounds both.
+    time_limit_s: float = DEFAULT_TIME_LIMIT_S
 
 
 JOB_KINDS: Registry[JobKind] = Registry("job kind")

@@ -40,7 +40,7 @@ from gauntlet.workers.backdoor import (
 )
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.hyperparams import expect_bool, expect_float, expect_int
-from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
+from gauntlet.workers.jobs import HOUR, JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec
 from gauntlet.workers.results import JobResult, Metric
 
@@ -244,4 +244,7 @@ def run(ctx: JobContext) -> JobResult:
     return ctx.result(metrics, correct, correct & kept, details)
 
 
-register_kind(JobKind("backdoor", run, board="backdoor", check=check_backdoor))
+# Trains up to three networks (backdoored, reference, defended) on the full split.
+register_kind(
+    JobKind("backdoor", run, board="backdoor", check=check_backdoor, time_limit_s=12 * HOUR)
+)

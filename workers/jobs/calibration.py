@@ -18,7 +18,7 @@ from gauntlet.workers.calibration import metrics as calibration
 from gauntlet.workers.calibration.diagram import reliability_diagram_png
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
-from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.jobs import HOUR, JobKind, register_kind
 from gauntlet.workers.results import JobResult, Metric
 
 # Held-out points for fitting the temperature (Guo et al. fit on a validation split).
@@ -66,4 +66,4 @@ def run(ctx: JobContext) -> JobResult:
     return ctx.result(metrics, clean, clean & robust, details)
 
 
-register_kind(JobKind("calibration", run, board="calibration"))
+register_kind(JobKind("calibration", run, board="calibration", time_limit_s=2 * HOUR))

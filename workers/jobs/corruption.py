@@ -6,7 +6,7 @@ from __future__ import annotations
 from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.corruptions import corruption_metrics
-from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.jobs import HOUR, JobKind, register_kind
 from gauntlet.workers.results import JobResult
 
 
@@ -22,4 +22,5 @@ def run(ctx: JobContext) -> JobResult:
     return ctx.result(metrics, clean, clean, {})
 
 
-register_kind(JobKind("corruption", run, board="corruption"))
+# Forward passes only, but over every corruption at every severity.
+register_kind(JobKind("corruption", run, board="corruption", time_limit_s=2 * HOUR))

@@ -18,7 +18,7 @@ from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.defenses import Defense
 from gauntlet.workers.defenses.adaptive import attack_surface
-from gauntlet.workers.jobs import JobKind, register_kind
+from gauntlet.workers.jobs import HOUR, JobKind, register_kind
 from gauntlet.workers.results import JobResult, Metric
 
 # Points used for the reliability checks: enough to see masking, cheap to run.
@@ -200,4 +200,7 @@ def _transfer_sources(spec: dict) -> list[str]:
     return [m for m in [spec.get("source_model"), *(spec.get("source_ensemble") or [])] if m]
 
 
-register_kind(JobKind("eval", run, board="leaderboard", models=_transfer_sources))
+# An attack on a subset of points: two hours is generous for any shipped suite.
+register_kind(
+    JobKind("eval", run, board="leaderboard", models=_transfer_sources, time_limit_s=2 * HOUR)
+)

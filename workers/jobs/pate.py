@@ -26,7 +26,7 @@ from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.fanout import run_parallel
 from gauntlet.workers.hyperparams import expect_bool, expect_float, expect_int
-from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
+from gauntlet.workers.jobs import HOUR, JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec
 from gauntlet.workers.privacy import aggregation
 from gauntlet.workers.results import JobResult, Metric
@@ -307,4 +307,5 @@ def run(ctx: JobContext) -> JobResult:
     return ctx.result(metrics, correct, correct & (triggered == y_eval), details, records)
 
 
-register_kind(JobKind("pate", run, board="privacy", check=check_pate))
+# Teachers train in parallel where the cluster allows, but may queue behind each other.
+register_kind(JobKind("pate", run, board="privacy", check=check_pate, time_limit_s=12 * HOUR))

@@ -28,7 +28,7 @@ from gauntlet.workers.attacks.pgd import PGD
 from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.hyperparams import expect_float, expect_int
-from gauntlet.workers.jobs import JobKind, check_procedure, register_kind
+from gauntlet.workers.jobs import HOUR, JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec, save_classifier
 from gauntlet.workers.results import JobResult, Metric
 from gauntlet.workers.training import (
@@ -181,6 +181,14 @@ def _static_models(spec: dict) -> list[str]:
     return list(static) if isinstance(static, list) else []
 
 
+# Epochs over the whole training split (adversarial training attacks every batch).
 register_kind(
-    JobKind("train", run, board="derived models", check=check_train, models=_static_models)
+    JobKind(
+        "train",
+        run,
+        board="derived models",
+        check=check_train,
+        models=_static_models,
+        time_limit_s=12 * HOUR,
+    )
 )
