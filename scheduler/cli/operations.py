@@ -31,7 +31,8 @@ def scheduler(ctx, **options):
     stats = run_scheduler(_app(ctx), **options, console=console, should_stop=lambda: stop["flag"])
     console.print(
         f"done {stats.done}, failed {stats.failed}, retried {stats.retried}, "
-        f"dead-lettered {stats.dead}"
+        f"dead-lettered {stats.dead}, timed out {stats.timed_out}, "
+        f"cancelled {stats.cancelled}, outages {stats.outages}"
     )
 
 
