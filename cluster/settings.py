@@ -36,6 +36,10 @@ ENVIRONMENT = {
     "GAUNTLET_RECONNECT_MIN_SECONDS": "first wait before retrying an unreachable Redis or "
     "database (default 0.1)",
     "GAUNTLET_RECONNECT_MAX_SECONDS": "longest wait between such retries (default 5)",
+    "GAUNTLET_QUOTA_SUBMISSIONS_PER_DAY": "models one API account may submit in 24 hours "
+    "(default 100)",
+    "GAUNTLET_QUOTA_GPU_HOURS_PER_MONTH": "GPU-hours one API account's jobs may use in 30 days "
+    "(default 1000)",
 }
 
 # The caps' defaults, named once: the dataclass, ``from_env`` and the README agree on them.
@@ -46,6 +50,8 @@ MAX_PATE_TEACHERS = 1000
 MAX_JOB_SECONDS = 86400.0
 RECONNECT_MIN_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 5.0
+QUOTA_SUBMISSIONS_PER_DAY = 100
+QUOTA_GPU_HOURS_PER_MONTH = 1000.0
 
 
 def _number(env: Mapping[str, str], name: str, default: float, kind: type = float):
@@ -86,6 +92,9 @@ class Settings:
     # wait, doubling up to the second.
     reconnect_min_seconds: float = RECONNECT_MIN_SECONDS
     reconnect_max_seconds: float = RECONNECT_MAX_SECONDS
+    # Per-account quotas of the HTTP API (admins and the local CLI have none).
+    quota_submissions_per_day: int = QUOTA_SUBMISSIONS_PER_DAY
+    quota_gpu_hours_per_month: float = QUOTA_GPU_HOURS_PER_MONTH
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -112,6 +121,12 @@ class Settings:
             ),
             reconnect_max_seconds=_number(
                 env, "GAUNTLET_RECONNECT_MAX_SECONDS", RECONNECT_MAX_SECONDS
+            ),
+            quota_submissions_per_day=_number(
+                env, "GAUNTLET_QUOTA_SUBMISSIONS_PER_DAY", QUOTA_SUBMISSIONS_PER_DAY, int
+            ),
+            quota_gpu_hours_per_month=_number(
+                env, "GAUNTLET_QUOTA_GPU_HOURS_PER_MONTH", QUOTA_GPU_HOURS_PER_MONTH
             ),
         )
 

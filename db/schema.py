@@ -105,6 +105,15 @@ class Model(Base):
     # What the service did to the submission, e.g. "weights converted from float16 to
     # float32", so the leaderboard's number is not mistaken for the file's own precision.
     note: Mapped[str | None] = mapped_column(sa.Text)
+    # The submitter's model card (claimed numbers, authors, venue), kept beside the
+    # measured results; None when the model came without one.
+    card: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    # The account that submitted it through the API (None: the local CLI, no account),
+    # and whether everyone may see it. An account's model stays private until published.
+    owner_id: Mapped[int | None] = mapped_column(
+        sa.ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    public: Mapped[bool] = mapped_column(default=True, server_default=sa.true())
 
 
 class Job(Base):
@@ -204,3 +213,33 @@ class SubTask(Base):
     gpu_ids: Mapped[Any] = mapped_column(sa.JSON, nullable=True)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class User(Base):
+    """An account of the HTTP API; admins see and operate every model."""
+
+    __tablename__ = "users"
+    __table_args__ = (sa.UniqueConstraint("name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    is_admin: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Token(Base):
+    """An API token: only its hash is kept, found through its public prefix.
+
+    The prefix is random and unique, so a request's token is looked up by an indexed
+    equality and then checked against one hash, never compared with every stored one.
+    """
+
+    __tablename__ = "tokens"
+    __table_args__ = (sa.UniqueConstraint("prefix"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(sa.String(32))
+    hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used: Mapped[datetime | None]

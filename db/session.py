@@ -41,6 +41,7 @@ POSTGRES_CONNECT_ARGS = {
     "keepalives_count": 3,
 }
 
+
 def _on_sqlite_connect(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     # SQLite ignores foreign keys (and ON DELETE CASCADE) unless asked, per connection.

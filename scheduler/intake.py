@@ -40,6 +40,18 @@ from gauntlet.workers.models import InputSpec, check_safetensors, dtype_note, he
 MAX_NAME = 200
 
 
+def comma_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    """ "0.5,0.5,0.5" as floats (a per-channel mean or std); None stays None."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise GauntletError(
+            f"Expected `{what}` to be numbers separated by commas, but got {text!r}"
+        ) from None
+
+
 def check_name(value, what: str) -> str:
     """A name to store: a string of 1 to 200 printable characters (no newlines, tabs or
     other control characters, which would break one-line listings and logs)."""
@@ -118,8 +130,17 @@ def check_submission(settings: Settings, weights, submission: Mapping[str, Any])
     """Every check of a submission, cheapest first; returns the model's note, if any.
 
     ``submission`` holds ``submit``'s keyword arguments (arch, dataset, suite, name, n,
-    input_overrides), which ``submit`` passes through unchanged.
+    input_overrides, card); the checks write back what ``submit`` stores: the card as
+    checked, and ``onnx`` as the architecture of an ONNX file.
     """
+    from gauntlet.scheduler.cards import check_card
+    from gauntlet.workers import onnx_models
+
+    if submission.get("card") is not None:
+        submission["card"] = check_card(submission["card"])
+    onnx = onnx_models.is_onnx(weights, submission.get("arch"))
+    if onnx:
+        submission["arch"] = onnx_models.ARCH
     arch, dataset, suite = submission["arch"], submission["dataset"], submission["suite"]
     name, n = submission.get("name"), submission.get("n")
     path = check_weights_file(weights, settings.max_weights_bytes)
@@ -128,13 +149,29 @@ def check_submission(settings: Settings, weights, submission: Mapping[str, Any])
     check_name(suite, "suite name")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise GauntletError(f"Expected `--n` to be a positive integer, but got {n!r}")
-    check_architecture(arch)
+    if not onnx:
+        check_architecture(arch)
     spec = default_input_spec(dataset, **(submission.get("input_overrides") or {}))
     load_suite(suite)
-    check_safetensors(path)
-    note = weights_note(path, arch, spec, settings.max_parameters)
+    if onnx:
+        # The graph is converted and run once here, so a graph the worker could not run
+        # is refused now rather than failing every job.
+        from gauntlet.workers.models import load_classifier
+
+        onnx_models.check_onnx(path, settings.max_parameters)
+        load_classifier(path, arch, spec)
+        note = None
+    else:
+        check_safetensors(path)
+        note = weights_note(path, arch, spec, settings.max_parameters)
     check_work(suite, dataset, n, settings.max_job_work)
     return note
+
+
+def store_card(engine: sa.Engine, model_id: str, card: dict | None) -> None:
+    from gauntlet.scheduler.cards import store_card as store
+
+    store(engine, model_id, card)
 
 
 def store_note(engine: sa.Engine, model_id: str, note: str | None) -> None:

@@ -71,6 +71,7 @@ def upsert_model(
     input_spec: dict,
     weights_sha256: str,
     parent_id: str | None = None,
+    **columns: Any,  # the owner, public and the like, stored as given
 ) -> bool:
     """Insert a model; True if it is new. An existing id is left as it is (same content)."""
     stmt = _insert(engine, Model.__table__).values(
@@ -82,6 +83,7 @@ def upsert_model(
         weights_sha256=weights_sha256,
         parent_id=parent_id,
         created_at=utcnow(),
+        **columns,
     )
     with engine.begin() as conn:
         # RETURNING, not rowcount: SQLAlchemy does not keep an INSERT's rowcount (-1 on
@@ -362,9 +364,11 @@ def list_jobs(
     model: str | None = None,
     dataset: str | None = None,
     limit: int | None = 200,
+    where: sa.ColumnElement[bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Jobs newest first, without their spec; ``model`` matches an id prefix or a name."""
+    """Newest first, no spec; ``model`` is an id prefix or a name, ``where`` one more clause."""
     stmt = sa.select(*_JOB_COLUMNS, Model.name.label("model")).join(Model, Model.id == Job.model_id)
+    stmt = stmt if where is None else stmt.where(where)
     if status is not None:
         stmt = stmt.where(Job.status == JobStatus(status))
     if model:

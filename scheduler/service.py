@@ -7,7 +7,18 @@ only the database, so ``gauntlet leaderboard`` never starts Redis or Ray.
 
 from __future__ import annotations
 
-from gauntlet.scheduler import inspection, intake, lifecycle, operator, reconcile, train
+from gauntlet.scheduler import (
+    accounts,
+    inspection,
+    intake,
+    lifecycle,
+    operator,
+    ownership,
+    quotas,
+    reconcile,
+    train,
+    uploads,
+)
 from gauntlet.scheduler.app import App
 from gauntlet.scheduler.boards.calibration import calibration_table
 from gauntlet.scheduler.boards.leaderboard import leaderboard as leaderboard_entries
@@ -106,3 +117,143 @@ def backdoors(app: App, *, dataset: str | None = None) -> list:
 
 def privacy(app: App, *, dataset: str | None = None) -> list:
     return track_table(app.engine, "pate", dataset=dataset)
+
+
+def model_report(app: App, ref: str) -> dict:
+    """One model (a name or id prefix): its card and every job with every metric."""
+    from gauntlet.scheduler.interop import model_report as report
+
+    return report(app.engine, ref)
+
+
+def export(app: App, fmt: str, out, *, dataset: str | None = None) -> list:
+    """Write the leaderboard as RobustBench model_info files, CSV or JSON under ``out``."""
+    from gauntlet.scheduler.interop import write_export
+
+    return write_export(app.engine, fmt, out, dataset=dataset)
+
+
+# Accounts, visibility and quotas: what the HTTP API asks on behalf of a ``Viewer``
+# (an account, or None for an anonymous read). The CLI is the local operator, who sees
+# and operates everything, so its commands above pass no viewer.
+
+
+def add_user(app: App, name: str, *, admin: bool = False) -> str:
+    """Create an account; returns its token, which is shown this once."""
+    return accounts.add_user(app.engine, name, admin=admin)
+
+
+def new_token(app: App, name: str) -> str:
+    return accounts.new_token(app.engine, name)
+
+
+def remove_user(app: App, name: str) -> int:
+    """Delete an account and its tokens; returns how many models it owned."""
+    return accounts.remove_user(app.engine, name)
+
+
+def list_users(app: App) -> list[dict]:
+    return accounts.list_users(app.engine)
+
+
+def authenticate(app: App, token: str) -> accounts.Viewer | None:
+    return accounts.authenticate(app.engine, token)
+
+
+def publish_model(app: App, ref: str, viewer: accounts.Viewer = accounts.OPERATOR) -> dict:
+    """Make a model public: the operator names it, an account gives its id."""
+    return ownership.publish(app.engine, viewer, ref)
+
+
+def visible_models(app: App, viewer) -> list[dict]:
+    return ownership.list_models(app.engine, viewer)
+
+
+def model_detail(app: App, viewer, model_id: str) -> dict:
+    return ownership.get_model(app.engine, viewer, model_id)
+
+
+def visible_jobs(app: App, viewer, **filters) -> list[dict]:
+    return ownership.list_jobs(app.engine, viewer, **filters)
+
+
+def visible_job_detail(app: App, viewer, job_id: int) -> dict:
+    ownership.job_model(app.engine, viewer, job_id)
+    return inspection.job_detail(app, job_id)
+
+
+def _writable_job(app: App, viewer, job_id: int) -> None:
+    ownership.check_writable(ownership.job_model(app.engine, viewer, job_id), viewer)
+
+
+def cancel_job_as(app: App, viewer, job_id: int) -> operator.CancelReport:
+    _writable_job(app, viewer, job_id)
+    return operator.cancel(app, [job_id])
+
+
+def rerun_job_as(app: App, viewer, job_id: int, *, force: bool = False) -> operator.RerunReport:
+    """Rerun a job of the viewer's (or, for an admin, anyone's); counts against quota."""
+    _writable_job(app, viewer, job_id)
+    quotas.check(app.engine, app.settings, viewer, submitting=False)
+    return operator.rerun(app, [job_id], force=force)
+
+
+BOARDS = {
+    "leaderboard": leaderboard,
+    "calibration": calibration,
+    "corruption": corruption,
+    "transfer": transfer,
+    "backdoor": backdoors,
+    "privacy": privacy,
+}
+
+
+def board(app: App, name: str, *, dataset: str | None = None, viewer=accounts.OPERATOR) -> list:
+    """A board's rows as ``viewer`` may see them (hidden models dropped, ranks recounted)."""
+    rows = BOARDS[name](app, dataset=dataset)
+    return ownership.filter_board(name, rows, ownership.visible_ids(app.engine, viewer))
+
+
+def queue_view(app: App, viewer) -> dict:
+    """``queue_state`` for an admin; others get the counts only, since dead letters and
+    stranded jobs name jobs of private models and consumers name the scheduler hosts."""
+    state = queue_state(app)
+    if viewer is not None and viewer.is_admin:
+        return state
+    state["dead_letters"] = len(state["dead_letters"])
+    state["stranded"] = len(state["stranded"])
+    state["pending_by_consumer"] = len(state["pending_by_consumer"])
+    state.pop("oldest_queued", None)
+    return state
+
+
+def check_quota(app: App, viewer, *, submitting: bool) -> None:
+    quotas.check(app.engine, app.settings, viewer, submitting=submitting)
+
+
+def usage(app: App, viewer) -> dict:
+    return quotas.usage(app.engine, app.settings, viewer)
+
+
+def submit_upload(app: App, viewer, upload, **options) -> SubmitReport:
+    """Submit weights received over HTTP for ``viewer``; ``options`` are submit's."""
+    return uploads.submit_upload(app, viewer, upload, **options)
+
+
+def health(app: App) -> dict:
+    """Whether the database and the queue answer; each part says ok or what failed."""
+    parts = {}
+    for part, probe in (("database", _ping_database), ("queue", lambda a: a.redis.ping())):
+        try:
+            probe(app)
+            parts[part] = "ok"
+        except Exception as exc:  # health reports every failure; it never raises one
+            parts[part] = f"unavailable: {type(exc).__name__}"
+    return {"status": "ok" if set(parts.values()) == {"ok"} else "degraded", **parts}
+
+
+def _ping_database(app: App) -> None:
+    import sqlalchemy as sa
+
+    with app.engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))

@@ -131,6 +131,8 @@ def submit(
     name: str | None = None,
     n: int | None = None,
     input_overrides: dict | None = None,
+    owner_id: int | None = None,
+    card: dict | None = None,
 ) -> SubmitReport:
     # Every check first (intake: caps, names, dtypes, the suite), so a refused
     # submission stores nothing. Imported here: intake builds on this module.
@@ -138,7 +140,9 @@ def submit(
 
     options = {"arch": arch, "dataset": dataset, "suite": suite, "name": name, "n": n}
     options["input_overrides"] = input_overrides
+    options["card"] = card
     note = intake.check_submission(settings, weights, options)
+    arch = options["arch"]  # an ONNX file's architecture is "onnx", whatever was given
     path = Path(weights)
     input_spec = default_input_spec(dataset, **(input_overrides or {}))
 
@@ -154,8 +158,12 @@ def submit(
         dataset=dataset,
         input_spec=input_spec.to_dict(),
         weights_sha256=weights_sha,
+        owner_id=owner_id,
+        # An account's model stays private until published; the CLI's are public.
+        public=owner_id is None,
     )
     intake.store_note(engine, model_id, note)
+    intake.store_card(engine, model_id, options["card"])
     inserted = lifecycle.insert_jobs(engine, new_jobs(specs, suite))
     enqueued = enqueue_new(engine, queue)
     return SubmitReport(model_id, display, created, len(specs), len(inserted), enqueued)

@@ -53,9 +53,9 @@ def test_upgrade_brings_an_empty_database_to_head(db_url: str) -> None:
     try:
         assert current_revision(engine) is None
         upgrade(engine)
-        assert current_revision(engine) == head_revision() == "0004"
+        assert current_revision(engine) == head_revision() == "0006"
         upgrade(db_url)  # a second upgrade finds nothing to do
-        assert current_revision(engine) == "0004"
+        assert current_revision(engine) == "0006"
         tables = set(sa.inspect(engine).get_table_names())
         assert {"models", "jobs", "metrics", "outcomes", "subtasks", "alembic_version"} <= tables
     finally:
@@ -96,7 +96,7 @@ def test_open_database_refuses_an_out_of_date_server_schema(db_url: str) -> None
     with pytest.raises(GauntletError) as raised:
         open_database(db_url)
     message = str(raised.value)
-    assert "is at revision none (empty), expected 0004: run `gauntlet db upgrade`" in message
+    assert "is at revision none (empty), expected 0006: run `gauntlet db upgrade`" in message
     upgrade(db_url)
     open_database(db_url).dispose()
 

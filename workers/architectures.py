@@ -4,8 +4,8 @@ Weights arrive as bare safetensors, so the code that builds the network must com
 here, never from the submitter. Built-ins register through ``register_architecture``,
 the same decorator a third-party package uses, into ``ARCHITECTURES``, the shared
 ``workers.registry.Registry`` that attacks and defenses use too. Two families are
-resolved by pattern instead of one entry per name: ``wrn-<depth>-<width>`` and
-``torchvision:<model>``.
+resolved by pattern instead of one entry per name: ``wrn-<depth>-<width>``,
+``torchvision:<model>`` and ``timm:<model>``.
 """
 
 from __future__ import annotations
@@ -30,19 +30,23 @@ ARCHITECTURES: Registry[Builder] = Registry("architecture")
 # No leading zeros and at most six digits: the name stays short enough to store.
 _WRN = re.compile(r"^wrn-([1-9]\d{0,5})-([1-9]\d{0,5})$")
 _TORCHVISION = "torchvision:"
+_TIMM = "timm:"
+_RESERVED = (_TORCHVISION, _TIMM)
 
 
 def register_architecture(name: str) -> Callable[[Builder], Builder]:
     """Decorator: register ``builder(spec) -> nn.Module`` (producing logits) as ``name``."""
-    # The registry checks the name itself; the torchvision prefix is this module's own.
-    if isinstance(name, str) and name.startswith(_TORCHVISION):
-        raise GauntletError(f"architecture names starting with '{_TORCHVISION}' are reserved")
+    # The registry checks the name itself; the family prefixes are this module's own.
+    if isinstance(name, str) and name.startswith(_RESERVED):
+        prefix = name.split(":")[0]
+        raise GauntletError(f"architecture names starting with '{prefix}:' are reserved")
 
     return ARCHITECTURES.named(name)
 
 
 def architecture_names() -> list[str]:
-    """Registered names (the families wrn-D-W and torchvision:<model> come on top)."""
+    """Registered names (the families wrn-D-W, torchvision:<model> and timm:<model> come on
+    top)."""
     return ARCHITECTURES.names()
 
 
@@ -104,7 +108,7 @@ def _known() -> str:
     return (
         f"known: {', '.join(architecture_names())}; "
         "also wrn-<depth>-<width> (depth = 6n+4, e.g. wrn-16-4) "
-        "and torchvision:<model> (e.g. torchvision:resnet18)"
+        "torchvision:<model> (e.g. torchvision:resnet18) and timm:<model> (e.g. timm:resnet10t)"
     )
 
 
@@ -124,6 +128,13 @@ def _resolve(name: str) -> Builder:
         return lambda spec: WideResNet(spec, depth=depth, width=width)
     if name.startswith(_TORCHVISION):
         return _torchvision_builder(name[len(_TORCHVISION) :])
+    if name.startswith(_TIMM):
+        return _timm_builder(name[len(_TIMM) :])
+    if name == "onnx":
+        raise GauntletError(
+            "an ONNX model is its own graph: there is no 'onnx' architecture to build afresh "
+            "(jobs that train a new network need a registered architecture)"
+        )
     raise GauntletError(f"unknown architecture '{name}'; {_known()}")
 
 
@@ -145,6 +156,25 @@ def _torchvision_builder(model: str) -> Builder:
             )
         # weights=None: never download; the submitted safetensors provide the weights.
         return torchvision.models.get_model(model, weights=None, num_classes=spec.num_classes)
+
+    return build
+
+
+def _timm_builder(model: str) -> Builder:
+    try:
+        import timm
+    except ImportError:
+        raise GauntletError("timm:<model> architectures need the timm package") from None
+    if not timm.is_model(model):
+        raise GauntletError(
+            f"unknown timm model '{model}'; `timm.list_models()` lists them (e.g. resnet10t)"
+        )
+
+    def build(spec: InputSpec) -> nn.Module:
+        # pretrained=False: never download; the submitted safetensors provide the weights.
+        return timm.create_model(
+            model, pretrained=False, num_classes=spec.num_classes, in_chans=spec.channels
+        )
 
     return build
 

@@ -214,7 +214,25 @@ def _check_entry(path: Path, name: str, entry: object, data_size: int) -> None:
 def load_classifier(
     path: str | os.PathLike, arch: str, spec: InputSpec, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """Build ``arch`` for ``spec``, load the weights strictly, wrap in Normalized, freeze."""
+    """Build ``arch`` for ``spec``, load the weights strictly, wrap in Normalized, freeze.
+
+    An ``onnx`` model's file is its graph: it is checked and converted instead.
+    """
+    from gauntlet.workers import onnx_models
+
+    if arch == onnx_models.ARCH:
+        net = onnx_models.load_onnx(path)
+        onnx_models.forward_check(net, (1, spec.channels, spec.height, spec.width))
+    else:
+        net = _load_net(path, arch, spec)
+    model = Normalized(net, spec).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _check_forward(model, arch, spec, device)
+    return model
+
+
+def _load_net(path: str | os.PathLike, arch: str, spec: InputSpec) -> nn.Module:
     from safetensors.torch import load_file
 
     check_safetensors(path)
@@ -232,11 +250,7 @@ def load_classifier(
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied
         raise GauntletError(f"weights do not match architecture '{arch}': {exc}") from exc
-    model = Normalized(net, spec).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    _check_forward(model, arch, spec, device)
-    return model
+    return net
 
 
 def header_dtypes(tensors: dict) -> dict[str, str]:

@@ -10,6 +10,7 @@ The commands live in modules by area; importing them here registers them on ``ma
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 from typing import NoReturn
@@ -69,8 +70,40 @@ def say(text: str) -> None:
     console.print(escape(text), soft_wrap=True, highlight=False)
 
 
+def show_table(table) -> None:
+    """Print a rich table laid out to fit the terminal (see ``tables.fit``)."""
+    from gauntlet.scheduler.cli.tables import fit
+
+    console.print(fit(table, console.width))
+
+
 def _app(ctx: click.Context) -> App:
     return ctx.ensure_object(App)
+
+
+class _Local:
+    """``service``'s functions with the local ``App`` filled in."""
+
+    def __init__(self, ctx: click.Context):
+        self.ctx = ctx
+
+    def __getattr__(self, name: str):
+        from gauntlet.scheduler import service
+
+        function = getattr(service, name)
+        return lambda *args, **kwargs: function(_app(self.ctx), *args, **kwargs)
+
+
+def services(ctx: click.Context):
+    """The service layer the commands talk to: a ``gauntlet serve`` API when
+    ``GAUNTLET_API_URL`` is set (with ``GAUNTLET_TOKEN`` or the ``gauntlet login``
+    token), else the local stack."""
+    url = os.environ.get("GAUNTLET_API_URL")
+    if not url:
+        return _Local(ctx)
+    from gauntlet.scheduler.remote import RemoteService, load_token
+
+    return RemoteService(url, load_token())
 
 
 def _print_json(data) -> None:
@@ -85,7 +118,7 @@ def _show(rows: list, as_json: bool, what: str, tables) -> None:
         console.print(f"No finished {what} evaluations yet.")
     else:
         for table in tables(rows):
-            console.print(table)
+            show_table(table)
 
 
 def _listing(rows: list[dict], as_json: bool, table) -> None:
@@ -93,7 +126,7 @@ def _listing(rows: list[dict], as_json: bool, table) -> None:
     if as_json:
         _print_json(rows)
     else:
-        console.print(table(rows))
+        show_table(table(rows))
 
 
 @click.group(
@@ -106,4 +139,12 @@ def main():
 
 
 # Registers the commands: these modules import ``main`` from here.
-from gauntlet.scheduler.cli import boards, operations, operator, submit_jobs  # noqa: E402, F401
+from gauntlet.scheduler.cli import (  # noqa: E402, F401
+    accounts,
+    boards,
+    interop,
+    operations,
+    operator,
+    remote_login,
+    submit_jobs,
+)

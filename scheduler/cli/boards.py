@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from gauntlet.scheduler.cli import _app, _listing, _show, main, tables
+from gauntlet.scheduler.cli import _app, _listing, _show, main, services, tables
 
 
 def _board(name: str, what: str, render, doc: str) -> None:
@@ -20,9 +20,7 @@ def _board(name: str, what: str, render, doc: str) -> None:
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     @click.pass_context
     def command(ctx, dataset, as_json):
-        from gauntlet.scheduler import service
-
-        rows = getattr(service, name)(_app(ctx), dataset=dataset)
+        rows = getattr(services(ctx), name)(dataset=dataset)
         _show(rows, as_json, what, render)
 
 

@@ -11,7 +11,16 @@ import click
 from rich.console import Group
 from rich.live import Live
 
-from gauntlet.scheduler.cli import _app, _print_json, console, main, say, tables
+from gauntlet.scheduler.cli import (
+    _app,
+    _print_json,
+    console,
+    main,
+    say,
+    services,
+    show_table,
+    tables,
+)
 from gauntlet.scheduler.cli.tables import _row, _table, _text
 
 
@@ -35,9 +44,8 @@ def _seconds(value: float | None) -> str:
 @click.pass_context
 def cancel(ctx, job_ids, model, as_json):
     """Fail queued or running jobs with "cancelled by the operator"; nothing runs them."""
-    from gauntlet.scheduler import service
 
-    report = service.cancel_jobs(_app(ctx), job_ids, model=model)
+    report = services(ctx).cancel_jobs(job_ids, model=model)
     if as_json:
         _print_json(asdict(report))
         return
@@ -58,9 +66,8 @@ def cancel(ctx, job_ids, model, as_json):
 @click.pass_context
 def rerun(ctx, job_ids, failed, dead, force, as_json):
     """Queue finished jobs again, each with its retries whole and one stream entry."""
-    from gauntlet.scheduler import service
 
-    report = service.rerun_jobs(_app(ctx), job_ids, failed=failed, dead=dead, force=force)
+    report = services(ctx).rerun_jobs(job_ids, failed=failed, dead=dead, force=force)
     if as_json:
         _print_json(asdict(report))
         return
@@ -128,7 +135,7 @@ def queue_group(ctx, as_json):
         _print_json(state)
         return
     for table in _queue_tables(state):
-        console.print(table)
+        show_table(table)
 
 
 @queue_group.command("repair")
@@ -211,14 +218,13 @@ def _job_tables(job: dict) -> list:
 @click.pass_context
 def job_cmd(ctx, job_id, as_json):
     """One job: spec, status, attempts, error, times, metrics, sub-tasks, live progress."""
-    from gauntlet.scheduler import service
 
-    job = service.job_detail(_app(ctx), job_id)
+    job = services(ctx).job_detail(job_id)
     if as_json:
         _print_json(job)
         return
     for table in _job_tables(job):
-        console.print(table)
+        show_table(table)
 
 
 def watch_jobs(ctx, filters: dict, interval: float, as_json: bool) -> None:

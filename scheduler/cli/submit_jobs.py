@@ -4,12 +4,22 @@ subtasks."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 
 import click
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.scheduler.cli import _app, _listing, _print_json, console, main, say, tables
+from gauntlet.scheduler.cli import (
+    _app,
+    _listing,
+    _print_json,
+    console,
+    main,
+    say,
+    services,
+    tables,
+)
 
 
 @main.command()
@@ -17,8 +27,11 @@ from gauntlet.scheduler.cli import _app, _listing, _print_json, console, main, s
 # missing file is an ``Error:`` line like every other bad submission (click's own path
 # check exits with status 2 and a usage block).
 @click.argument("weights")
-@click.option("--arch", required=True, help="Architecture name (see `gauntlet archs`).")
-@click.option("--dataset", required=True, help="Dataset name (see `gauntlet datasets`).")
+@click.option(
+    "--arch", help="Architecture name (see `gauntlet list archs`); not needed for an .onnx file."
+)
+@click.option("--dataset", required=True, help="Dataset name (see `gauntlet list datasets`).")
+@click.option("--card", help="Model card, YAML or JSON with RobustBench's fields.")
 @click.option("--suite", default="quick", show_default=True, help="Evaluation suite.")
 @click.option("--name", help="Display name (default: the file name).")
 @click.option("--n", type=int, help="Evaluation points (default: the suite's).")
@@ -27,17 +40,23 @@ from gauntlet.scheduler.cli import _app, _listing, _print_json, console, main, s
 @click.option("--num-classes", type=int, help="Classes (default: the dataset's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def submit(ctx, weights, mean, std, num_classes, as_json, **options):
-    """Submit a safetensors model and enqueue its suite's evaluations."""
-    from gauntlet.scheduler import service
+def submit(ctx, weights, mean, std, num_classes, card, as_json, **options):
+    """Submit a safetensors (or ONNX) model and enqueue its suite's evaluations."""
+    from gauntlet.scheduler.cards import load_card
+    from gauntlet.scheduler.intake import comma_floats
+    from gauntlet.workers.onnx_models import is_onnx
+
+    if options["arch"] is None and not is_onnx(weights, None):
+        raise GauntletError("Missing option '--arch' (only an .onnx file needs none)")
+    options["card"] = None if card is None else load_card(card)
 
     overrides = {
-        "mean": _floats(mean, "mean"),
-        "std": _floats(std, "std"),
+        "mean": comma_floats(mean, "--mean"),
+        "std": comma_floats(std, "--std"),
         "num_classes": num_classes,
     }
     # ``options``: arch, dataset, suite, name and n, passed through as they are.
-    report = service.submit_model(_app(ctx), weights, input_overrides=overrides, **options)
+    report = services(ctx).submit_model(weights, input_overrides=overrides, **options)
     if as_json:
         _print_json(asdict(report))
         return
@@ -46,17 +65,6 @@ def submit(ctx, weights, mean, std, num_classes, as_json, **options):
         f"{report.name} ({state} {report.model_id[:12]}): {report.jobs} evaluations, "
         f"{report.new_jobs} new, {report.enqueued} enqueued"
     )
-
-
-def _floats(text: str | None, what: str):
-    if text is None:
-        return None
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise GauntletError(
-            f"Expected `--{what}` to be numbers separated by commas, but got {text!r}"
-        ) from None
 
 
 @main.command()
@@ -76,15 +84,17 @@ def _floats(text: str | None, what: str):
 @click.pass_context
 def jobs(ctx, status, model, dataset, limit, watch, interval, as_json):
     """List jobs and their status (with --watch, until none is queued or running)."""
-    from gauntlet.scheduler import service
 
     filters = {"status": status, "model": model, "dataset": dataset, "limit": limit}
     if watch:
         from gauntlet.scheduler.cli.operator import watch_jobs
 
+        if os.environ.get("GAUNTLET_API_URL"):
+            raise GauntletError("jobs --watch works on the local stack only, not through the API")
+
         watch_jobs(ctx, filters, interval, as_json)
         return
-    rows = service.list_jobs(_app(ctx), **filters)
+    rows = services(ctx).list_jobs(**filters)
     _listing(rows, as_json, tables.jobs_table)
 
 

@@ -309,3 +309,41 @@ def rows_table(title: str, rows: list[dict]) -> Table:
     for row in rows:
         _row(table, [row.get(c, "") for c in columns])
     return table
+
+
+def fit(table: Table, width: int) -> Table:
+    """``table`` if it fits ``width`` columns, else the same cells laid out vertically.
+
+    rich squeezes a table wider than the terminal by cutting cells to "…", which loses
+    the very numbers the table is for. A table whose narrowest rendering (every cell's
+    longest word on one line) does not fit is shown as one block per row instead: the
+    column names down the left, that row's values beside them.
+    """
+    if _narrowest(table) <= width:
+        return table
+    vertical = Table(title=table.title, caption=table.caption, show_header=False)
+    vertical.add_column(overflow="fold", style="bold")
+    vertical.add_column(overflow="fold")
+    cells = [list(column.cells) for column in table.columns]
+    rows = len(cells[0]) if cells else 0
+    for i in range(rows):
+        for j, column in enumerate(table.columns):
+            # Headers and cells were escaped when the table was built.
+            vertical.add_row(column.header, cells[j][i], end_section=j == len(cells) - 1)
+    return vertical
+
+
+def _narrowest(table: Table) -> int:
+    """The table's width with every column as narrow as its longest word.
+
+    Counted here rather than asked of rich: rich's own minimum assumes it may cut words
+    to "…", the very thing to avoid.
+    """
+    from rich.text import Text
+
+    total = 1  # the left border
+    for column in table.columns:
+        texts = [column.header, *column.cells]
+        words = [len(word) for cell in texts for word in Text.from_markup(str(cell)).plain.split()]
+        total += max(words, default=1) + 2 + 1  # padding either side, then a border
+    return total

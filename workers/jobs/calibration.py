@@ -15,7 +15,7 @@ import torch
 from gauntlet.workers.attacks import Threat, build_attack
 from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.calibration import metrics as calibration
-from gauntlet.workers.calibration.diagram import reliability_diagram_png
+from gauntlet.workers.calibration.diagram import reliability_bins, reliability_diagram_png
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.jobs import HOUR, JobKind, register_kind
@@ -49,7 +49,12 @@ def run(ctx: JobContext) -> JobResult:
     metrics = [*before, *after, Metric("temperature", temperature, len(y_fit))]
     probs = torch.softmax(logits.cpu().double(), dim=1)
     png = reliability_diagram_png(probs, y.cpu(), title=ctx.dataset)
-    details = {"temperature": temperature, "reliability_diagram": ctx.store.put_bytes(png)}
+    details = {
+        "temperature": temperature,
+        "reliability_diagram": ctx.store.put_bytes(png),
+        # The bins themselves, so the web page can redraw the diagram without the model.
+        "reliability": reliability_bins(probs, y.cpu()),
+    }
     robust = logits.argmax(1) == y
     if spec.get("norm") is not None:
         # Confidence under attack: models are confidently wrong off the data distribution.
