@@ -40,6 +40,8 @@ ENVIRONMENT = {
     "(default 100)",
     "GAUNTLET_QUOTA_GPU_HOURS_PER_MONTH": "GPU-hours one API account's jobs may use in 30 days "
     "(default 1000)",
+    "GAUNTLET_KEEP_ADVERSARIAL": "keep each eval job's adversarial examples in the artifact "
+    "store (default 1; 0 keeps only their hash)",
 }
 
 # The caps' defaults, named once: the dataclass, ``from_env`` and the README agree on them.
@@ -65,6 +67,19 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = floa
     if value <= 0:
         raise GauntletError(f"Expected `{name}` to be positive, but got {raw!r}")
     return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE or raw in _FALSE:
+        return raw in _TRUE
+    raise GauntletError(f"Expected `{name}` to be 1 or 0 (true or false), but got {raw!r}")
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,8 @@ class Settings:
     # Per-account quotas of the HTTP API (admins and the local CLI have none).
     quota_submissions_per_day: int = QUOTA_SUBMISSIONS_PER_DAY
     quota_gpu_hours_per_month: float = QUOTA_GPU_HOURS_PER_MONTH
+    # Whether eval jobs store their adversarial examples (their hash is always recorded).
+    keep_adversarial: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -128,6 +145,7 @@ class Settings:
             quota_gpu_hours_per_month=_number(
                 env, "GAUNTLET_QUOTA_GPU_HOURS_PER_MONTH", QUOTA_GPU_HOURS_PER_MONTH
             ),
+            keep_adversarial=_flag(env, "GAUNTLET_KEEP_ADVERSARIAL", True),
         )
 
     @property

@@ -39,6 +39,7 @@ class App:
         return {
             "artifacts": str(self.settings.artifacts),
             "data_root": str(self.settings.data_root),
+            "keep_adversarial": self.settings.keep_adversarial,
             "redis_url": redis_conn.worker_url(self.settings),
         }
 

@@ -10,6 +10,7 @@ server's ``detail``, never the request.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import stat
 from pathlib import Path
@@ -139,8 +140,7 @@ class RemoteService:
         path = Path(weights)
         if not path.is_file():
             raise GauntletError(f"weights file {str(path)!r} does not exist")
-        if options.pop("card", None) is not None:
-            raise GauntletError("--card works on the local stack only, not through the API yet")
+        card = options.pop("card", None)
         overrides = options.pop("input_overrides", None) or {}
         params = {k: v for k, v in options.items() if v is not None}
         for key in ("mean", "std"):
@@ -148,6 +148,8 @@ class RemoteService:
                 params[key] = ",".join(str(v) for v in overrides[key])
         if overrides.get("num_classes") is not None:
             params["num_classes"] = overrides["num_classes"]
+        if card is not None:  # checked here already; the server checks it again
+            params["card"] = json.dumps(card)
         with path.open("rb") as body:
             headers = {"Content-Type": "application/octet-stream"}
             report = self._call("POST", "/models", params=params, content=body, headers=headers)

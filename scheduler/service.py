@@ -18,6 +18,7 @@ from gauntlet.scheduler import (
     reconcile,
     train,
     uploads,
+    verify,
 )
 from gauntlet.scheduler.app import App
 from gauntlet.scheduler.boards.calibration import calibration_table
@@ -49,6 +50,11 @@ def subtasks(app: App, job_id: int) -> list[dict]:
 def job_detail(app: App, job_id: int) -> dict:
     """One job with its metrics, sub-tasks and, while it runs, its progress."""
     return inspection.job_detail(app, job_id)
+
+
+def verify_job(app: App, job_id: int) -> verify.VerifyReport:
+    """Rerun a done eval job in this process and compare outcomes and adversarial hash."""
+    return verify.verify(app, job_id)
 
 
 def active_jobs(app: App, **filters) -> int:

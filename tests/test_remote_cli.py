@@ -33,13 +33,18 @@ def test_remote_commands_print_what_local_ones_print(served, digits_models, tmp_
         "COLUMNS": "120",
     }
     weights = str(digits_models["standard"])
+    card = tmp_path / "card.yaml"
+    card.write_text("authors: A. Tester\nvenue: a workshop\nclean_acc: 99.0\n")
     sent = _gauntlet(
         "submit", weights, "--arch", "small-cnn", "--dataset", "digits", "--n", "20",
-        "--name", "remote-cnn", "--json", env=client,
+        "--name", "remote-cnn", "--card", str(card), "--json", env=client,
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     report = json.loads(sent.stdout)
     assert report["name"] == "remote-cnn" and report["new_jobs"] == report["jobs"] > 0
+    # The card went over HTTP and sits on the server's model row.
+    shown = json.loads(_gauntlet("model", "remote-cnn", "--json", env=server).stdout)
+    assert shown["card"]["authors"] == "A. Tester" and shown["card"]["venue"] == "a workshop"
     drained = _gauntlet("scheduler", "--drain", "--local", env=server)
     assert drained.returncode == 0, drained.stderr
 

@@ -73,6 +73,8 @@ class JobContext:
     started: float = field(default_factory=time.perf_counter)
     # Which fitted defense state (an artifact) the job used, if any.
     defense_state: str | None = None
+    # The adversarial examples an eval job made: the task entry hashes (and keeps) them.
+    adversarial: torch.Tensor | None = None
 
     # -- settings ---------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.workers import provenance
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.fanout import job_deadline
 from gauntlet.workers.jobs import job_kind
@@ -69,6 +70,7 @@ def run_spec(
     device_label: str | None = None,
     others: dict | None = None,
     checkpoint_name: str | None = None,
+    keep_adversarial: bool = True,
 ) -> JobResult:
     """Run one job in this process: its kind's runner over a freshly built context."""
     kind = job_kind(spec.get("kind", "eval"))
@@ -85,7 +87,8 @@ def run_spec(
     # Every kind loads the submitted network first: a corrupt file or weights that do not
     # fit fail the job before any work is spent on it.
     ctx.net  # noqa: B018
-    return kind.run(ctx)
+    # Here, not in each kind: every kind's result gets the same provenance record.
+    return provenance.attach(ctx, kind.run(ctx), keep_adversarial=keep_adversarial)
 
 
 def run_job(payload: dict) -> JobResult | JobFailure:
@@ -101,6 +104,7 @@ def run_job(payload: dict) -> JobResult | JobFailure:
                 device_label=_device_label(),
                 others=payload.get("others"),
                 checkpoint_name=f"job-{payload['job_id']}" if "job_id" in payload else None,
+                keep_adversarial=payload.get("keep_adversarial", True),
             )
     except GauntletError as exc:
         return JobFailure(message=str(exc), permanent=True, worker_host=socket.gethostname())

@@ -149,6 +149,7 @@ def adversarial(
     eps: float,
     generator: torch.Generator,
     static: Sequence[torch.nn.Module] = (),
+    counts: list[int] | None = None,
 ) -> Perturb:
     """``perturb`` for ``fit``: ``attack``'s L-inf examples at ``eps`` for each batch.
 
@@ -156,15 +157,21 @@ def adversarial(
     batch's examples come from the model being trained or one of them, at random:
     decoupling the examples from the model is what stops single-step training from
     learning to mask its own gradients. Random starts and picks draw from ``generator``.
+    ``counts`` (one entry per source: the model, then each static one) is incremented
+    for each batch crafted on that source, so that a caller can show the static models
+    were used rather than take it on trust.
     """
     threat = Threat("linf", eps)
 
     def perturb(model, xb, yb):
-        source = model
+        source, index = model, 0
         if static:
             sources = [model, *static]
             pick = torch.randint(len(sources), (1,), generator=generator, device=generator.device)
-            source = sources[int(pick)]
+            index = int(pick)
+            source = sources[index]
+        if counts is not None:
+            counts[index] += 1
         # ``run``, not ``__call__``: every example is perturbed, misclassified ones too,
         # as in adversarial training; ``__call__`` would leave those clean.
         return attack.run(_EveryStep(source), xb, yb, threat, generator).x_adv

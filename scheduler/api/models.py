@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.concurrency import run_in_threadpool
 
+from gauntlet.cluster.errors import GauntletError
 from gauntlet.scheduler import service, uploads
 from gauntlet.scheduler.accounts import Viewer
 from gauntlet.scheduler.api.deps import get_app, user, viewer
@@ -53,6 +55,9 @@ async def upload_model(
     std: Annotated[str | None, Query(max_length=200)] = None,
     num_classes: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
     sha256: Annotated[str | None, Query(max_length=200, description="Checked if given.")] = None,
+    card: Annotated[
+        str | None, Query(max_length=20_000, description="Model card as JSON (RobustBench fields).")
+    ] = None,
     app: App = Depends(get_app),
     who: Viewer = Depends(user),
 ) -> dict:
@@ -60,6 +65,7 @@ async def upload_model(
     published). 413 past the size cap, 400 when ``sha256`` does not match the body."""
     overrides = {"mean": comma_floats(mean, "mean"), "std": comma_floats(std, "std")}
     overrides["num_classes"] = num_classes
+    checked_card = None if card is None else _card(card)
     await run_in_threadpool(service.check_quota, app, who, submitting=True)
     cap = app.settings.max_weights_bytes
     uploads.check_length(request.headers.get("content-length"), cap)
@@ -77,6 +83,7 @@ async def upload_model(
             name=name or "upload",
             n=n,
             input_overrides=overrides,
+            card=checked_card,
         )
     finally:
         upload.discard()
@@ -90,3 +97,14 @@ async def upload_model(
 def publish_model(model_id: str, app: App = Depends(get_app), who: Viewer = Depends(user)) -> dict:
     """Make one of the caller's models (an admin: any model) visible to everyone."""
     return service.publish_model(app, model_id, who)
+
+
+def _card(text: str) -> dict:
+    """A card sent as JSON text, checked as ``gauntlet submit --card`` checks a file."""
+    from gauntlet.scheduler.cards import check_card
+
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise GauntletError("Expected `card` to be a JSON object of model-card fields") from None
+    return check_card(data)

@@ -147,4 +147,5 @@ from gauntlet.scheduler.cli import (  # noqa: E402, F401
     operator,
     remote_login,
     submit_jobs,
+    verify,
 )

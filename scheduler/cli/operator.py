@@ -22,6 +22,7 @@ from gauntlet.scheduler.cli import (
     tables,
 )
 from gauntlet.scheduler.cli.tables import _row, _table, _text
+from gauntlet.scheduler.cli.verify import provenance_table
 
 
 def _ids(ids) -> str:
@@ -209,6 +210,18 @@ def _job_tables(job: dict) -> list:
         out.append(metrics)
     if job["subtasks"]:
         out.append(tables.subtasks_table(job["subtasks"]))
+    record = (job.get("details") or {}).get("provenance")
+    if record:
+        out.append(provenance_table(record))
+    # Kinds that store files (explanation maps and grids) name them here, by hash.
+    artifacts = (job.get("details") or {}).get("artifacts") or {}
+    if artifacts:
+        listing = _table("artifacts")
+        listing.add_column("name")
+        listing.add_column("sha256", overflow="fold")
+        for name, sha in sorted(artifacts.items()):
+            _row(listing, [name, sha])
+        out.append(listing)
     return out
 
 

@@ -1,5 +1,5 @@
 """Commands that put work on the queue or show it: submit, jobs, train, backdoor, pate,
-subtasks."""
+explain, subtasks."""
 
 from __future__ import annotations
 
@@ -201,6 +201,34 @@ def pate(ctx, model, aggregator, teachers, backdoored_teachers, teacher_gpus, no
         "noise": False if no_noise else None,
     }
     _request(ctx, model, "pate", aggregator, options, pairs, n=n)
+
+
+def _default_eps(ctx, ref: str) -> float:
+    """The quick suite's Linf budget for the model's dataset: what its FGSM/PGD used."""
+    from gauntlet.scheduler.suites import load_suite
+    from gauntlet.scheduler.train import find_model
+
+    return load_suite("quick").budget("linf", find_model(_app(ctx).engine, ref)["dataset"])
+
+
+# Explanation methods: LIME on superpixels, plain-gradient saliency, integrated gradients.
+_METHODS = click.Choice(["lime", "saliency", "ig"])
+
+
+@main.command()
+@click.argument("model")
+@click.option("--n", "n", type=int, default=8, show_default=True, help="Test points explained.")
+@click.option("--method", "methods", type=_METHODS, multiple=True, help="Repeatable (default all).")
+@click.option("--attack", default="fgsm", show_default=True, type=click.Choice(["fgsm", "pgd"]))
+@click.option("--eps", type=float, help="Linf budget (default: the quick suite's for the dataset).")
+@click.option("--set", "pairs", multiple=True, help="Another setting, KEY=VALUE (repeatable).")
+@click.option("--num-gpus", type=float, default=0.0, show_default=True)
+@click.pass_context
+def explain(ctx, model, n, methods, attack, eps, pairs, num_gpus):
+    """Attribution maps (LIME, saliency, IG) of MODEL on clean and adversarial test points."""
+    eps = _default_eps(ctx, model) if eps is None else eps
+    options = {"methods": list(methods) or None, "eps": eps}
+    _request(ctx, model, "explain", attack, options, pairs, n=n, num_gpus=num_gpus)
 
 
 @main.command()

@@ -69,7 +69,7 @@ JOB_KINDS: Registry[JobKind] = Registry("job kind")
 # The built-in kinds, imported on first lookup: each module registers itself.
 BUILT_IN = tuple(
     f"gauntlet.workers.jobs.{name}"
-    for name in ("eval", "calibration", "corruption", "train", "backdoor", "pate")
+    for name in ("eval", "calibration", "corruption", "train", "backdoor", "pate", "explain")
 )
 
 

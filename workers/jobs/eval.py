@@ -167,6 +167,7 @@ def run(ctx: JobContext) -> JobResult:
         )
 
     result, rejected = attack_all(threat, ctx.checkpoint, ctx.progress)
+    ctx.adversarial = result.x_adv
     metrics = attack_metrics(x, result)
     details = {
         "attack_config": repr(attack),

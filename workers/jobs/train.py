@@ -88,10 +88,13 @@ def train_derived(
     seed: int,
     static: list[torch.nn.Module] | None = None,
     progress=None,
+    counts: list[int] | None = None,
 ):
     """The derived network (bare, no normalisation wrapper) and its final training loss.
 
     ``progress(epoch, epochs)`` after each epoch: a train job's progress in Redis.
+    ``counts``, when given, is filled with the number of batches whose examples were
+    crafted on each source (the model, then each static model; ensemble-at only).
     """
     settings = check_train(method, params)
     torch.manual_seed(seed)
@@ -139,7 +142,15 @@ def train_derived(
         attack = FGSM_RANDOM_START
     # ensemble-at draws its examples from the model or the static ones (Tramer et al.).
     static = (static or []) if method == "ensemble-at" else []
-    perturb = adversarial(attack, settings["eps"], generator, static)
+    if method == "ensemble-at" and len(static) != len(settings["static_models"]):
+        # Training without them would be FGSM-AT under another name.
+        raise GauntletError(
+            f"ensemble-at names {len(settings['static_models'])} static model(s) "
+            f"but {len(static)} were loaded"
+        )
+    if counts is not None:
+        counts[:] = [0] * (len(static) + 1)
+    perturb = adversarial(attack, settings["eps"], generator, static, counts)
     return model.net, fit(model, x, y, perturb=perturb, progress=progress, **schedule)
 
 
@@ -147,6 +158,7 @@ def run(ctx: JobContext) -> JobResult:
     settings = check_train(ctx.spec["attack"], ctx.params)
     static = ctx.other_models(settings["static_models"], "static model")
     x, y = ctx.train_split()
+    counts: list[int] = []
     net, loss = train_derived(
         ctx.spec["attack"],
         ctx.params,
@@ -158,6 +170,7 @@ def run(ctx: JobContext) -> JobResult:
         ctx.seed,
         static=static,
         progress=ctx.progress,
+        counts=counts,
     )
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "derived.safetensors"
@@ -169,7 +182,14 @@ def run(ctx: JobContext) -> JobResult:
         "settings": settings,
         # Recorded so that a reader can check which static models the examples came from.
         "static_models": settings["static_models"],
+        "static_model_names": [ctx.others[i].get("name") for i in settings["static_models"]],
     }
+    if settings["static_models"]:
+        # Evidence that they were used: the batches crafted on each source, and the share
+        # crafted on a static model (about static / (static + 1) when picks are uniform).
+        sources = ["self", *settings["static_models"]]
+        details["example_sources"] = dict(zip(sources, counts, strict=True))
+        details["static_batch_share"] = sum(counts[1:]) / max(sum(counts), 1)
     # The parent's clean outcomes on the evaluation subset.
     x_eval, y_eval, _ = ctx.eval_data
     clean = predict_in_batches(ctx.net, x_eval, ctx.batch_size).argmax(1) == y_eval
