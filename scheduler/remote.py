@@ -120,6 +120,15 @@ class RemoteService:
         params = {k: v for k, v in filters.items() if v is not None}
         return self._call("GET", "/jobs", params=params)
 
+    def active_jobs(self, *, model: str | None = None, dataset: str | None = None) -> int:
+        """Queued and running jobs the caller may see (what ``jobs --watch`` waits on)."""
+        scope = {k: v for k, v in {"model": model, "dataset": dataset}.items() if v}
+        counts = [
+            len(self._call("GET", "/jobs", params={**scope, "status": status, "limit": 1000}))
+            for status in ("queued", "running")
+        ]
+        return sum(counts)
+
     def job_detail(self, job_id: int) -> dict:
         return self._call("GET", f"/jobs/{job_id}")
 

@@ -58,6 +58,9 @@ def test_remote_commands_print_what_local_ones_print(served, digits_models, tmp_
     jobs = json.loads(_gauntlet("jobs", "--json", env=client).stdout)
     local_jobs = json.loads(_gauntlet("jobs", "--json", env=server).stdout)
     assert [(j["id"], j["status"]) for j in jobs] == [(j["id"], j["status"]) for j in local_jobs]
+    # Nothing is left to run, so --watch prints the listing once and ends.
+    watched = json.loads(_gauntlet("jobs", "--watch", "--json", env=client).stdout)
+    assert [j["id"] for j in watched] == [j["id"] for j in jobs]
     job_id = str(jobs[0]["id"])
     remote_job = json.loads(_gauntlet("job", job_id, "--json", env=client).stdout)
     local_job = json.loads(_gauntlet("job", job_id, "--json", env=server).stdout)

@@ -246,13 +246,11 @@ def watch_jobs(ctx, filters: dict, interval: float, as_json: bool) -> None:
     It ends as soon as the count reaches zero, so a drained queue ends it at the first
     look; with JSON only the final listing is printed, as one document.
     """
-    from gauntlet.scheduler import service
-
-    app = _app(ctx)
+    backend = services(ctx)
     scope = {"model": filters.get("model"), "dataset": filters.get("dataset")}
 
     def look() -> tuple[list[dict], int]:
-        return service.list_jobs(app, **filters), service.active_jobs(app, **scope)
+        return backend.list_jobs(**filters), backend.active_jobs(**scope)
 
     def view(rows: list[dict], active: int) -> Group:
         note = f"{active} queued or running; refreshing every {interval:g}s"

@@ -4,7 +4,6 @@ explain, subtasks."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 
 import click
@@ -88,9 +87,6 @@ def jobs(ctx, status, model, dataset, limit, watch, interval, as_json):
     filters = {"status": status, "model": model, "dataset": dataset, "limit": limit}
     if watch:
         from gauntlet.scheduler.cli.operator import watch_jobs
-
-        if os.environ.get("GAUNTLET_API_URL"):
-            raise GauntletError("jobs --watch works on the local stack only, not through the API")
 
         watch_jobs(ctx, filters, interval, as_json)
         return
