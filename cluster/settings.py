@@ -24,7 +24,7 @@ ENVIRONMENT = {
     "GAUNTLET_DATA_ROOT": "root of the torchvision datasets (default home/data)",
     "GAUNTLET_ARTIFACTS": "content-addressed artifact store (default home/artifacts)",
     "GAUNTLET_LEASE_SECONDS": "job lease; a job idle past it is reclaimed (default 60)",
-    "GAUNTLET_MAX_DELIVERIES": "deliveries before a job goes to the dead-letter stream (default 3)",
+    "GAUNTLET_MAX_DELIVERIES": "transient failures of a job itself before it fails (default 3)",
     "GAUNTLET_MAX_IN_FLIGHT": "Ray tasks one scheduler keeps running at once (default 4)",
     "GAUNTLET_MAX_WEIGHTS_BYTES": "largest weights file a submission may send (default 2 GiB)",
     "GAUNTLET_MAX_PARAMETERS": "most parameters an architecture may have (default 500 million)",
