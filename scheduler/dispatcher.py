@@ -45,7 +45,7 @@ import sqlalchemy as sa
 from gauntlet.scheduler import attempts, deadlines, lifecycle, outage
 from gauntlet.scheduler.executors import Executor, Handle
 from gauntlet.scheduler.outage import DATABASE, REDIS
-from gauntlet.scheduler.queue import Entry, JobQueue
+from gauntlet.scheduler.queue import Entry, JobQueue, progress_key
 from gauntlet.scheduler.reconcile import Reconciler, repair, unfinished
 from gauntlet.scheduler.writeback import Stats, WriteBack
 from gauntlet.workers.jobs import job_kind
@@ -208,7 +208,7 @@ class Dispatcher:
         payload = dict(self.payload_base, job_id=claim.job_id, spec=claim.spec, model=claim.model)
         payload["others"] = others  # other models its kind loads (transfer sources, ...)
         if self.progress_prefix:
-            payload["progress_key"] = f"{self.progress_prefix}:progress:{claim.job_id}"
+            payload["progress_key"] = progress_key(self.progress_prefix, claim.job_id)
         deadlines.stamp(payload, limit)
         handle = self.executor.submit(claim.job_id, payload, num_gpus, resources.get("memory_mb"))
         self.running[claim.job_id] = _Running(handle, entry, claim.attempt, limit_s=limit)

@@ -18,17 +18,10 @@ from gauntlet.db.schema import Job, JobStatus, MetricRow, Model, utcnow
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.enqueue import marker_time
 from gauntlet.scheduler.operator import dead_letters
+from gauntlet.scheduler.queue import progress_key
 from gauntlet.scheduler.reconcile import find_stranded
 
 _ENTRY_ID = re.compile(r"^(\d+)-\d+$")
-
-
-def progress_key(prefix: str, job_id: int) -> str:
-    """The Redis hash a running job's worker writes ``done`` and ``total`` to.
-
-    The dispatcher hands workers this key; the two must agree.
-    """
-    return f"{prefix}:progress:{job_id}"
 
 
 def entry_time(entry_id: str | None) -> datetime | None:

@@ -47,6 +47,12 @@ class Entry:
     deliveries: int  # times delivered so far, including this one
 
 
+def progress_key(prefix: str, job_id: int) -> str:
+    """The Redis hash a running job's worker writes ``done`` and ``total`` to: the
+    dispatcher hands it to the worker, ``gauntlet job`` reads it."""
+    return f"{prefix}:progress:{job_id}"
+
+
 class JobQueue:
     """Enqueue job ids, hand them to schedulers, retry and dead-letter them."""
 

@@ -16,9 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.queue_helpers import free_port
+from tests.queue_helpers import free_port, missing
 
 
 def wait_until(condition, timeout: float, what: str, proc=None, interval: float = 0.05):
@@ -36,7 +34,7 @@ class RedisServer:
     def __init__(self, folder: Path, *, appendonly: bool):
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("no redis-server on PATH")
+            missing("redis-server")
         self.binary = binary
         self.folder = folder
         self.port = free_port()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from gauntlet.scheduler import service
 from gauntlet.scheduler.cli import main
 from gauntlet.scheduler.executors import LocalExecutor
 from tests.api_helpers import accounts, bearer, client, upload
+from tests.queue_helpers import free_port
 from tests.service_helpers import make_app
 
 N = 60
@@ -102,12 +102,6 @@ def http_models(app) -> list[dict]:
     return client(app).get("/api/models").json()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _gauntlet(*args, env) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "gauntlet.scheduler.cli", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
@@ -118,7 +112,7 @@ def served(tmp_path):
     """A real `gauntlet serve` on a free port, its log in a file, and an admin token."""
     env = {**os.environ, "GAUNTLET_HOME": str(tmp_path / "home")}
     token = _gauntlet("users", "add", "ops", "--admin", env=env).stdout.strip().splitlines()[-1]
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "serve.log", "w+")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(
         [sys.executable, "-m", "gauntlet.scheduler.cli", "serve", "--port", str(port)],
@@ -168,7 +162,6 @@ def test_gauntlet_serve_answers_over_http(served, digits_models):
 
 def test_schemathesis_finds_no_server_error(served):
     """Property-based requests against the served OpenAPI document, with a token."""
-    pytest.importorskip("schemathesis")
     url, token, log = served
     command = [
         str(Path(sys.executable).with_name("schemathesis")),

@@ -15,8 +15,8 @@ from gauntlet.db.schema import Job
 from gauntlet.scheduler import lifecycle
 from gauntlet.scheduler.cli import main
 from gauntlet.scheduler.executors import LocalExecutor
-from gauntlet.scheduler.inspection import progress_key
 from gauntlet.scheduler.operator import CANCELLED
+from gauntlet.scheduler.queue import progress_key
 from gauntlet.workers.task import _progress_reporter
 from tests.queue_helpers import entries_per_job, fgsm_suite, status
 from tests.service_helpers import make_app, submit_digits

@@ -7,23 +7,21 @@ the numbers they show are checked against the service layer's own.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
 import threading
 import time
 
+import fastapi
 import pytest
+import uvicorn
+from playwright import sync_api
 
 from gauntlet.scheduler import service
 from gauntlet.scheduler.executors import LocalExecutor
 from gauntlet.scheduler.web import install
+from tests.queue_helpers import free_port, missing
 from tests.service_helpers import make_app, submit_digits
-
-fastapi = pytest.importorskip("fastapi")
-uvicorn = pytest.importorskip("uvicorn")
-sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -61,17 +59,11 @@ PLOTS = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Server:
     """uvicorn serving ``api`` on a free port in a thread, for the length of a test."""
 
     def __init__(self, api):
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(api, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -108,9 +100,7 @@ def _pct(value: float) -> str:
 @pytest.fixture
 def browser():
     if not shutil.which(CHROMIUM):
-        if os.environ.get("CI"):  # .ci/run installs it: a missing browser is a CI fault
-            pytest.fail("chromium is not installed")
-        pytest.skip("chromium is not installed (.ci/run installs it)")
+        missing("chromium")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         yield browser

@@ -3,7 +3,7 @@
 ``install(api, app)`` adds the page routes to a FastAPI application; the API's app
 factory calls it, and a test can call it on a bare ``FastAPI()``. Pages read through
 the service layer (SQL only; Redis only for a running job's progress) and show only
-the models the viewer may see (``data.visible``).
+the models the viewer may see (``ownership.visible_ids``, the API's rule).
 
 The viewer is whatever the API's authentication left on ``request.state`` (``viewer``
 or ``user``), or what the ``viewer`` callable given to ``install`` returns; with
@@ -24,7 +24,7 @@ from gauntlet.scheduler.web.data import get_model, visible, visible_models
 from gauntlet.scheduler.web.html import CSS, error_page, page
 from gauntlet.scheduler.web.model_page import job_body, model_body
 
-__all__ = ["install", "visible"]
+__all__ = ["install"]
 
 
 def _default_viewer(request: Request):
@@ -74,7 +74,7 @@ def install(api: FastAPI, app, *, viewer: Callable[[Request], object] | None = N
     @api.get("/models/{model_id}", include_in_schema=False)
     def model(request: Request, model_id: str):
         row = get_model(app.engine, model_id)
-        if row is None or not visible(row, who(request)):
+        if row is None or not visible(app.engine, model_id, who(request)):
             # A private model reads as absent: its existence is not the viewer's to know.
             return error_page(404, f"there is no model {model_id}")
         models = visible_models(app.engine, who(request))
@@ -117,7 +117,7 @@ def install(api: FastAPI, app, *, viewer: Callable[[Request], object] | None = N
         except GauntletError:
             detail = None
         row = detail and get_model(app.engine, detail["model_id"])
-        if not row or not visible(row, who(request)):
+        if not row or not visible(app.engine, row["id"], who(request)):
             return error_page(404, f"there is no job {job_id}")
         running = detail["status"] in ("queued", "running")
         return page(f"Job {job_id}", job_body(detail), refresh=2 if running else None)

@@ -11,30 +11,13 @@ from collections import defaultdict
 import sqlalchemy as sa
 
 from gauntlet.db.schema import Job, MetricRow, Model
+from gauntlet.scheduler.ownership import visible_ids
 
 DASH = "\u2014"
 
 
 def _get(obj, key: str):
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
-
-
-def visible(model_row: dict, viewer=None) -> bool:
-    """Whether ``viewer`` (None: anonymous) may see the model.
-
-    A row without a ``public`` column (a database from before accounts) counts as
-    public, so pages behave the same before and after that migration. The owner and
-    an admin see private models too.
-    """
-    public = model_row.get("public", True)
-    if public is None or public:
-        return True
-    if viewer is None:
-        return False
-    if _get(viewer, "is_admin") or _get(viewer, "admin"):
-        return True
-    owner = model_row.get("owner_id")
-    return owner is not None and owner == _get(viewer, "id")
 
 
 def submitter(model_row: dict | None) -> str:
@@ -72,7 +55,14 @@ def all_models(engine: sa.Engine) -> dict[str, dict]:
 
 
 def visible_models(engine: sa.Engine, viewer=None) -> dict[str, dict]:
-    return {k: m for k, m in all_models(engine).items() if visible(m, viewer)}
+    """The models ``viewer`` may see, by the API's own rule (``ownership``)."""
+    ids = visible_ids(engine, viewer)
+    return {k: m for k, m in all_models(engine).items() if ids is None or k in ids}
+
+
+def visible(engine: sa.Engine, model_id: str, viewer=None) -> bool:
+    ids = visible_ids(engine, viewer)
+    return ids is None or model_id in ids
 
 
 def get_model(engine: sa.Engine, model_id: str) -> dict | None:
