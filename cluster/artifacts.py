@@ -4,6 +4,12 @@ Submitted weights, plots and JSON reports live here. A file's name is its hash, 
 same upload stored twice is one file, and a reader can check that what it got is what
 was stored (a corrupt or tampered file fails that job, loudly, instead of scoring a
 different model). The root is a directory: local, or a shared filesystem on a cluster.
+Where workers share no filesystem with the scheduler, they reach this store through Ray
+(``cluster.artifact_actor`` and ``workers.remote_store``, same interface).
+
+Beside the content-addressed files, a few *named* blobs are mutable: a job's checkpoint
+and the reference from a defense's identity to its fitted state. Their names are
+relative paths under the root (``checkpoints/job-7.safetensors``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,29 @@ from gauntlet.cluster.errors import GauntletError
 
 _CHUNK = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A named blob: one known folder and one file name; no way out of the root.
+_NAME = re.compile(r"^(checkpoints|defense-state)/[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise GauntletError(
+            f"Expected a blob name like checkpoints/job-1.safetensors, got {name!r}"
+        )
+    return name
+
+
+def replace_atomically(target: Path, data: bytes) -> None:
+    """Write ``data`` beside ``target`` and rename: readers see the old or the new file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".partial-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -80,3 +109,20 @@ class ArtifactStore:
                 "submit the model again to restore it"
             )
         return path
+
+    # -- named (mutable) blobs ----------------------------------------------------------
+
+    def named_path(self, name: str) -> Path:
+        return self.root / check_name(name)
+
+    def get_named(self, name: str) -> bytes | None:
+        try:
+            return self.named_path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def put_named(self, name: str, data: bytes) -> None:
+        replace_atomically(self.named_path(name), data)
+
+    def delete_named(self, name: str) -> None:
+        self.named_path(name).unlink(missing_ok=True)

@@ -42,6 +42,11 @@ ENVIRONMENT = {
     "(default 1000)",
     "GAUNTLET_KEEP_ADVERSARIAL": "keep each eval job's adversarial examples in the artifact "
     "store (default 1; 0 keeps only their hash)",
+    "GAUNTLET_METRICS_PORT": "port of the scheduler's Prometheus metrics (default: none served)",
+    "GAUNTLET_GATE": "run the submission gate before a submitted model's other jobs (default 1)",
+    "GAUNTLET_FOLLOWUPS": "queue follow-up attacks when an eval job's flags fire (default 1)",
+    "GAUNTLET_ARTIFACT_TRANSPORT": "how Ray workers reach the artifact store: ray (through "
+    "the scheduler), shared (the path) or auto (default: ray with GAUNTLET_RAY_ADDRESS)",
 }
 
 # The caps' defaults, named once: the dataclass, ``from_env`` and the README agree on them.
@@ -82,6 +87,22 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise GauntletError(f"Expected `{name}` to be 1 or 0 (true or false), but got {raw!r}")
 
 
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise GauntletError(f"Expected `{name}` to be a TCP port (1 to 65535), but got {raw!r}")
+    return int(raw)
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = (env.get(name) or "").strip().lower() or choices[0]
+    if raw not in choices:
+        raise GauntletError(f"Expected `{name}` to be one of {', '.join(choices)}, but got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -112,6 +133,20 @@ class Settings:
     quota_gpu_hours_per_month: float = QUOTA_GPU_HOURS_PER_MONTH
     # Whether eval jobs store their adversarial examples (their hash is always recorded).
     keep_adversarial: bool = True
+    # Where `gauntlet run` serves Prometheus metrics; None serves none.
+    metrics_port: int | None = None
+    # The submission gate and the follow-ups of flagged results (scheduler.gate, .followups).
+    gate: bool = True
+    followups: bool = True
+    # How Ray workers reach the artifacts: "ray", "shared" or "auto" (ray for a cluster).
+    artifact_transport: str = "auto"
+
+    @property
+    def artifact_transport_resolved(self) -> str:
+        """`ray` or `shared`: a cluster's nodes are not assumed to share a filesystem."""
+        if self.artifact_transport == "auto":
+            return "ray" if self.ray_address else "shared"
+        return self.artifact_transport
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -146,6 +181,12 @@ class Settings:
                 env, "GAUNTLET_QUOTA_GPU_HOURS_PER_MONTH", QUOTA_GPU_HOURS_PER_MONTH
             ),
             keep_adversarial=_flag(env, "GAUNTLET_KEEP_ADVERSARIAL", True),
+            metrics_port=_port(env, "GAUNTLET_METRICS_PORT"),
+            gate=_flag(env, "GAUNTLET_GATE", True),
+            followups=_flag(env, "GAUNTLET_FOLLOWUPS", True),
+            artifact_transport=_choice(
+                env, "GAUNTLET_ARTIFACT_TRANSPORT", ("auto", "ray", "shared")
+            ),
         )
 
     @property

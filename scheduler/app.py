@@ -56,6 +56,7 @@ class App:
             progress_prefix=self.settings.redis_prefix,
             on_event=on_event,
             max_job_seconds=self.settings.max_job_seconds,
+            followups=self.settings.followups,
             reconnect_seconds=(
                 self.settings.reconnect_min_seconds,
                 self.settings.reconnect_max_seconds,

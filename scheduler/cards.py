@@ -47,6 +47,9 @@ FIELDS: dict[str, str] = {
     "additional_data": _FLAG,
     "number_forward_passes": _COUNT,
     "unreliable": _FLAG,
+    # Not RobustBench's: a random model (dropout at test time, a random defense) skips
+    # the submission gate's determinism check and is attacked with EOT.
+    "randomized": _FLAG,
     "footnote": _TEXT,
     "notes": _TEXT,
 }

@@ -38,17 +38,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import sqlalchemy as sa
 
-from gauntlet.scheduler import attempts, deadlines, lifecycle, outage
+from gauntlet.scheduler import attempts, deadlines, lifecycle, outage, taking
 from gauntlet.scheduler.executors import Executor, Handle
 from gauntlet.scheduler.outage import DATABASE, REDIS
-from gauntlet.scheduler.queue import Entry, JobQueue, progress_key
+from gauntlet.scheduler.queue import Entry, JobQueue
 from gauntlet.scheduler.reconcile import Reconciler, repair, unfinished
 from gauntlet.scheduler.writeback import Stats, WriteBack
-from gauntlet.workers.jobs import job_kind
 from gauntlet.workers.results import JobFailure
 
 __all__ = ["Dispatcher", "Stats", "consumer_name"]
@@ -87,7 +85,9 @@ class Dispatcher:
         reconcile: bool = True,
         max_job_seconds: float | None = None,
         reconnect_seconds: tuple[float, float] = (0.1, 5.0),
+        followups: bool = False,  # queue follow-ups of flagged results (scheduler.followups)
     ):
+        self.followups = followups
         self.engine = engine
         self.queue = queue
         self.executor = executor
@@ -158,61 +158,21 @@ class Dispatcher:
 
     def handle_entry(self, entry: Entry) -> None:
         """Decide what one delivered entry means: run it, drop it, or leave it pending."""
-        try:
-            self._handle_entry(entry)
-        except Exception as exc:  # noqa: BLE001 - one entry must never stop the loop
-            if self.note_outage(exc):
-                self._deferred[entry.entry_id] = entry  # handled again once it is back
-                return
-            self.writes.entry_error(entry, "could not start the job", exc)
+        taking.handle_entry(self, entry)
 
-    def _handle_entry(self, entry: Entry) -> None:
-        job = lifecycle.get_job(self.engine, entry.job_id)
-        if job is None:
-            self.writes.dead_letter(entry, f"no job {entry.job_id} in the database")
-            return
-        if job["status"] in (lifecycle.JobStatus.done, lifecycle.JobStatus.failed):
-            if job["status"] == lifecycle.JobStatus.done and job["kind"] == "train":
-                self.writes.register_derived(job["id"])  # idempotent
-            self.writes.settle(entry)  # finished already: a duplicate or stale delivery
-            self.stats.skipped += 1
-            return
-        if job["status"] == lifecycle.JobStatus.running and _lease_alive(job):
-            return  # a live replica holds it; it acknowledges the entry when it finishes
-        if entry.deliveries > self.delivery_limit:
-            reason = f"delivered {entry.deliveries} times without finishing"
-            self.writes.dead_letter(entry, reason)
-            return
-        # Everything read before the claim: after it, nothing but starting the task may
-        # happen, or an outage in between would strand a claimed job for a lease.
-        spec = job["spec"]
-        others = {
-            model_id: lifecycle.get_model(self.engine, model_id)
-            for model_id in job_kind(spec.get("kind", "eval")).models(spec)
-        }
-        limit = deadlines.limit_s(spec, self.max_job_seconds)
-        claim = lifecycle.claim(self.engine, entry.job_id, self.consumer, self.lease_seconds)
-        if claim is None:
-            return
-        resources = claim.spec.get("resources") or {}
-        num_gpus = float(resources.get("num_gpus") or 0)
-        if num_gpus > self._max_gpus:
-            outcome = JobFailure(
-                f"the job asks for {num_gpus:g} GPUs but the largest node has "
-                f"{self._max_gpus:g}; lower `num_gpus` in the suite",
-                permanent=True,
-            )
-            self.writes.owe(entry, claim.attempt, outcome)
-            self.writes.flush()
-            return
-        payload = dict(self.payload_base, job_id=claim.job_id, spec=claim.spec, model=claim.model)
-        payload["others"] = others  # other models its kind loads (transfer sources, ...)
-        if self.progress_prefix:
-            payload["progress_key"] = progress_key(self.progress_prefix, claim.job_id)
-        deadlines.stamp(payload, limit)
-        handle = self.executor.submit(claim.job_id, payload, num_gpus, resources.get("memory_mb"))
-        self.running[claim.job_id] = _Running(handle, entry, claim.attempt, limit_s=limit)
-        self.event("started", claim.job_id, f"attempt {claim.attempt}")
+    def defer(self, entries: list[Entry]) -> None:
+        """Entries delivered while a service went away: handled again once it is back."""
+        for entry in entries:
+            self._deferred[entry.entry_id] = entry
+
+    @property
+    def max_gpus(self) -> float:
+        return self._max_gpus
+
+    def track(self, handle: Handle, entry: Entry, attempt: int, limit: float) -> None:
+        """A task just started for ``entry``'s job."""
+        self.running[handle.job_id] = _Running(handle, entry, attempt, limit_s=limit)
+        self.event("started", handle.job_id, f"attempt {attempt}")
 
     def fill(self, block_ms: int = 0) -> int:
         """Read new entries up to capacity; returns how many were delivered."""
@@ -223,8 +183,7 @@ class Dispatcher:
         if self.capacity == 0 or not self.links.up(REDIS, DATABASE):
             return 0
         entries = self._try(self.queue.read, self.consumer, self.capacity, block_ms) or []
-        for entry in entries:
-            self.handle_entry(entry)
+        taking.handle_entries(self, entries)
         return len(entries)
 
     def reap(self) -> int:
@@ -233,8 +192,7 @@ class Dispatcher:
             return 0  # reclaiming what we cannot run would only burn its deliveries
         min_idle = int(self.lease_seconds * 1000)
         entries = self._try(self.queue.reclaim, self.consumer, min_idle, self.capacity) or []
-        for entry in entries:
-            self.handle_entry(entry)
+        taking.handle_entries(self, entries)
         self._max_gpus = self.executor.max_gpus()  # the cluster may have grown or shrunk
         return len(entries)
 
@@ -382,8 +340,3 @@ class Dispatcher:
                 len(self.writes.owed),
             )
         return self.stats
-
-
-def _lease_alive(job: dict) -> bool:
-    expires = job.get("lease_expires_at")
-    return expires is not None and expires > datetime.now(timezone.utc)

@@ -20,6 +20,8 @@ from gauntlet.db.schema import Job, JobStatus, utcnow
 from gauntlet.scheduler.queue import JobQueue
 
 MARKER = "pending:"
+# Rows per statement of a batch enqueue: under every backend's bound-parameter limit.
+BATCH = 500
 
 
 def new_marker() -> str:
@@ -112,3 +114,56 @@ def stale(stream_id: str | None, grace_seconds: float, now: datetime | None = No
     if written is None:
         return False
     return written < (now or utcnow()) - timedelta(seconds=grace_seconds)
+
+
+def enqueue_fresh(engine: sa.Engine, queue: JobQueue, job_ids: list[int]) -> list[int]:
+    """``enqueue_once(..., seen=None)`` for many queued jobs at once; the ids enqueued.
+
+    The same compare-and-set, a batch per statement: one UPDATE swaps NULL for this
+    batch's marker on the rows still unenqueued (a racing enqueuer wins the others), one
+    pipeline XADDs them, and one transaction swaps the marker for each entry id. A row
+    the reconciler re-enqueued meanwhile keeps its entry, and ours is deleted.
+    """
+    marker = new_marker()
+    won: list[int] = []
+    with engine.begin() as conn:
+        for start in range(0, len(job_ids), BATCH):
+            part = job_ids[start : start + BATCH]
+            stmt = (
+                sa.update(Job)
+                .where(Job.id.in_(part), Job.stream_id.is_(None), Job.status == JobStatus.queued)
+                .values(stream_id=marker)
+                .returning(Job.id)
+            )
+            won.extend(conn.execute(stmt).scalars())
+    if not won:
+        return []
+    won.sort()
+    try:
+        entry_ids = queue.enqueue_many(won)
+    except Exception:
+        with engine.begin() as conn:  # hand the rows back, as enqueue_once does
+            stmt = sa.update(Job).where(Job.stream_id == marker).values(stream_id=None)
+            conn.execute(stmt)
+        raise
+    # Core, not ORM: an ORM UPDATE with a list of parameters means "by primary key".
+    jobs = Job.__table__
+    final = (
+        sa.update(jobs)
+        .where(
+            jobs.c.id == sa.bindparam("jid"), jobs.c.stream_id.in_([marker, sa.bindparam("eid")])
+        )
+        .values(stream_id=sa.bindparam("eid"))
+    )
+    with engine.begin() as conn:
+        pairs = list(zip(won, entry_ids, strict=True))
+        conn.execute(final, [{"jid": j, "eid": e} for j, e in pairs])
+        rows = []
+        for start in range(0, len(won), BATCH):
+            part = won[start : start + BATCH]
+            rows += conn.execute(sa.select(Job.id, Job.stream_id).where(Job.id.in_(part))).all()
+    held = {job_id: stream_id for job_id, stream_id in rows}
+    lost = [e for j, e in pairs if held.get(j) != e]
+    if lost:
+        queue.client.xdel(queue.stream, *lost)
+    return [j for j, e in pairs if held.get(j) == e]

@@ -125,16 +125,34 @@ class LocalExecutor:
 
 
 class RayExecutor:
-    """Runs each job as a Ray task with the spec's GPUs (fractions allowed) and memory."""
+    """Runs each job as a Ray task with the spec's GPUs (fractions allowed) and memory.
 
-    def __init__(self):
+    ``transport="ray"``: workers share no filesystem with this process. An artifact
+    actor on this node serves the payload's store (``cluster.artifact_actor``) and the
+    payload names the actor's address instead of the path. ``"shared"``: workers read
+    the path itself (one node, or a filesystem every node mounts).
+    """
+
+    def __init__(self, transport: str = "shared"):
         import ray
 
         self._ray = ray
         # Retries are ours (counted in Redis, visible in SQL), not Ray's.
         self._remote = ray.remote(max_retries=0)(run_job)
+        self.transport = transport
+        self._server = None  # (the scheduler's store path, its address, the actor's handle)
+
+    def _artifacts_address(self, root: str) -> str:
+        if self._server is None or self._server[0] != root:
+            from gauntlet.cluster.artifact_actor import start_server
+
+            address, handle = start_server(self._ray, root)
+            self._server = (root, address, handle)
+        return self._server[1]
 
     def submit(self, job_id, payload, num_gpus, memory_mb):
+        if self.transport == "ray":
+            payload = dict(payload, artifacts=self._artifacts_address(payload["artifacts"]))
         options: dict = {"num_gpus": num_gpus}
         if memory_mb:
             options["memory"] = int(memory_mb) * 1024 * 1024

@@ -146,6 +146,7 @@ def export_rows(engine: sa.Engine, *, dataset: str | None = None) -> list[dict]:
         row = asdict(entry)
         row["attacks"] = "; ".join(entry.attacks)
         row["unreliable"] = "; ".join(entry.unreliable)
+        row["stale"] = "; ".join(entry.stale)
         rows.append(row)
     return rows
 

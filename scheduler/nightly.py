@@ -2,9 +2,11 @@
 
 Job keys include each attack's resolved configuration, so a changed attack default or a
 new evaluation in a suite yields new keys, while unchanged evaluations keep theirs and
-are skipped. A Redis lease with a fencing token makes two overlapping nightly runs
-harmless: the second one stops at once, and a run whose lease lapsed stops before it
-writes.
+are skipped. They include the versions of the code a job runs too, so a bumped attack,
+defense or job kind version yields new keys for exactly the evaluations that run it:
+their stale results are re-run, and the report counts them (``stale``). A Redis lease
+with a fencing token makes two overlapping nightly runs harmless: the second one stops
+at once, and a run whose lease lapsed stops before it writes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler import lifecycle, staleness
+from gauntlet.scheduler.gate import FOLLOWUP, admitted
 from gauntlet.scheduler.lease import Lease, check_fence
 from gauntlet.scheduler.queue import JobQueue
 from gauntlet.scheduler.submit import enqueue_new, expand_suite, new_jobs
@@ -32,6 +35,8 @@ class NightlyReport:
     # Suites that no longer load here (a file named by path that is gone), with why:
     # one missing file must not stop the evaluations of every other suite.
     skipped: dict = field(default_factory=dict)
+    # New jobs that re-run a stale result (a version bumped since it ran).
+    stale: int = 0
 
 
 def model_suites(engine, model_id: str, extra: list[str]) -> list[tuple[str, int | None]]:
@@ -42,7 +47,7 @@ def model_suites(engine, model_id: str, extra: list[str]) -> list[tuple[str, int
     """
     used = set()
     for job in lifecycle.list_jobs(engine, model=model_id, limit=None):
-        if job["suite"]:
+        if job["suite"] and job["suite"] != FOLLOWUP:  # follow-ups belong to no suite
             used.add((job["suite"], int(job["subset_key"].split(":")[2])))
     named = {suite for suite, _ in used}
     used |= {(suite, None) for suite in extra if suite not in named}
@@ -60,8 +65,9 @@ def nightly(
 ) -> NightlyReport:
     report = NightlyReport(models=0, expanded=0, new_jobs=0, enqueued=0, suites={})
     with Lease(client, LEASE_NAME, lease_ms, prefix=prefix) as lease:
-        for model in lifecycle.list_models(engine):
+        for model in admitted(engine, lifecycle.list_models(engine)):  # past their gate
             report.models += 1
+            stale = staleness.stale_evaluations(engine, model["id"])
             for suite, n in model_suites(engine, model["id"], suites or []):
                 try:
                     specs = expand_suite(suite, model["id"], model["dataset"], n, engine=engine)
@@ -75,6 +81,9 @@ def nightly(
                     raise GauntletError("the nightly lease expired mid-run; nothing more written")
                 inserted = lifecycle.insert_jobs(engine, new_jobs(missing, suite))
                 report.new_jobs += len(inserted)
+                # Once per key: a suite may list one evaluation twice.
+                unique = {s.key: s for s in missing}.values()
+                report.stale += sum(s.evaluation_key in stale for s in unique)
                 report.suites[suite] = report.suites.get(suite, 0) + len(inserted)
         # The same compare-and-set as submit's: a submit racing this run never makes
         # a job's entry twice.

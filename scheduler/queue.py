@@ -84,6 +84,13 @@ class JobQueue:
     def enqueue(self, job_id: int) -> str:
         return _text(self.client.xadd(self.stream, {_JOB_FIELD: int(job_id)}))
 
+    def enqueue_many(self, job_ids: list[int]) -> list[str]:
+        """One XADD per job in one round trip; the entry ids, in order."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.xadd(self.stream, {_JOB_FIELD: int(job_id)})
+        return [_text(entry_id) for entry_id in pipe.execute()]
+
     def read(self, consumer: str, count: int, block_ms: int = 0) -> list[Entry]:
         """Up to ``count`` never-delivered entries; ``block_ms`` 0 returns at once."""
         reply = self._with_group(
@@ -108,6 +115,15 @@ class JobQueue:
         pipe = self.client.pipeline(transaction=True)
         pipe.xack(self.stream, self.group, entry_id)
         pipe.xdel(self.stream, entry_id)
+        pipe.execute()
+
+    def ack_many(self, entry_ids: list[str]) -> None:
+        """``ack`` for several entries in one round trip (one MULTI/EXEC)."""
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.stream, self.group, *entry_ids)
+        pipe.xdel(self.stream, *entry_ids)
         pipe.execute()
 
     def heartbeat(self, consumer: str, entry_ids: list[str]) -> None:

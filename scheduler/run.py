@@ -25,7 +25,7 @@ def make_executor(app: App, *, local: bool, num_cpus=None, num_gpus=None):
 
         start_watchdog()
     init_ray(app.settings, num_cpus=num_cpus, num_gpus=num_gpus)
-    return RayExecutor()
+    return RayExecutor(transport=app.settings.artifact_transport_resolved)
 
 
 def run_scheduler(
@@ -54,6 +54,10 @@ def run_scheduler(
         if service_of(exc) is None:
             raise
     executor = make_executor(app, local=local, num_cpus=num_cpus, num_gpus=num_gpus)
+    if app.settings.metrics_port:
+        from gauntlet.scheduler.prometheus import start_metrics_server
+
+        start_metrics_server(app, app.settings.metrics_port)
     if console is None or not drain:
         dispatcher = app.dispatcher(executor, max_in_flight=max_in_flight)
         return dispatcher.run(drain=drain, should_stop=should_stop)

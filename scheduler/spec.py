@@ -4,8 +4,9 @@ A spec names everything that decides the numbers (model, dataset subset, attack 
 its resolved configuration, threat) and, apart from that, how to run it (GPUs,
 memory, batch size, time limit). The job key hashes only the first part: running the
 same evaluation on other hardware, or with more time, is the same job, while changing
-an attack's defaults changes its ``repr`` and so its key, which is how nightly runs
-find what changed.
+an attack's defaults changes its ``repr`` and so its key, and so does bumping the
+version of an attack, defense or job kind it runs (``scheduler.versions``): that is how
+nightly runs find what changed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gauntlet.cluster.errors import GauntletError
+from gauntlet.scheduler.versions import bumped, spec_versions
 
-#: Bumped when the evaluation protocol itself changes (subset drawing, metrics).
+#: Bumped when the evaluation protocol itself changes (subset drawing, metrics); code
+#: changes of one attack, defense or job kind bump that one's ``version`` instead.
 EVAL_VERSION = 1
 
 # Seeds enter the subset key (a 200-character column) and numpy's generators, which take
@@ -52,6 +55,10 @@ def check_timeout(value: Any, where: str = "") -> None:
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _hash(identity: dict) -> str:
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,8 @@ class JobSpec:
     defense_params: dict = field(default_factory=dict)
     adaptive: bool = True
     eot_samples: int = 10
+    # Fresh draws of a randomized defense an adversarial input must survive (draws.py).
+    draws: int = 10
     # Robustness curve: robust accuracy at each of these budgets, in one job.
     eps_sweep: list = field(default_factory=list)
     # Transfer: craft on this (surrogate) model, score on ``model_id``; or craft on an
@@ -196,6 +205,10 @@ class JobSpec:
             from gauntlet.workers.defenses import validate_defense
 
             validate_defense(self.defense, self.defense_params)
+        if not _is_int(self.draws) or not 1 <= self.draws <= 1000:
+            raise GauntletError(
+                f"Expected `draws` to be an integer in [1, 1000], but got {self.draws!r}"
+            )
         if not _is_int(self.eot_samples) or not 1 <= self.eot_samples <= 1000:
             raise GauntletError(
                 "Expected `eot_samples` to be an integer in [1, 1000], "
@@ -229,8 +242,29 @@ class JobSpec:
                 "or `eot_samples`"
             )
 
+    def versions(self) -> dict:
+        """The versions of the code this job runs (``scheduler.versions``)."""
+        return spec_versions(self)
+
     @property
     def key(self) -> str:
+        """The job key: the evaluation and the versions of the code that computes it.
+
+        Versions enter only once one of them is above 1. Every version started at 1, so
+        every job stored before versions existed keeps its key and is not run again; from
+        then on a bump changes the keys of exactly the jobs that run the bumped code.
+        """
+        versions = self.versions()
+        if not bumped(versions):
+            return self.evaluation_key
+        return _hash(self._identity() | {"versions": versions})
+
+    @property
+    def evaluation_key(self) -> str:
+        """The key without versions: one evaluation, whichever code version ran it."""
+        return _hash(self._identity())
+
+    def _identity(self) -> dict:
         # Only what decides the numbers: resources, batch size and timeout_s stay out.
         identity = {
             "v": EVAL_VERSION,
@@ -246,21 +280,26 @@ class JobSpec:
             identity["defense"] = self.defense_config()
             identity["adaptive"] = self.adaptive
             identity["eot"] = self.eot_samples
+            if self.draws != 10:  # the default predates the field: old keys keep theirs
+                identity["draws"] = self.draws
         if self.eps_sweep:
             identity["sweep"] = [round(float(e), 10) for e in self.eps_sweep]
         if self.source_model is not None:
             identity["source"] = self.source_model
         if self.source_ensemble:
             identity["sources"] = sorted(self.source_ensemble)
-        return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+        return identity
 
     def to_dict(self) -> dict:
+        """The stored spec: the fields, the subset key and the versions it runs with,
+        which later tell whether its result is stale (``scheduler.staleness``)."""
         data = asdict(self)
         data["subset_key"] = self.subset_key
+        data["versions"] = self.versions()
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> JobSpec:
-        data = {k: v for k, v in data.items() if k != "subset_key"}
+        data = {k: v for k, v in data.items() if k not in ("subset_key", "versions")}
         data["resources"] = Resources.from_dict(data.get("resources"))
         return cls(**data)

@@ -14,7 +14,7 @@ from pathlib import Path
 from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.cluster.settings import Settings
 from gauntlet.scheduler import lifecycle
-from gauntlet.scheduler.enqueue import enqueue_once
+from gauntlet.scheduler.enqueue import enqueue_fresh
 from gauntlet.scheduler.queue import JobQueue
 from gauntlet.scheduler.spec import JobSpec, canonical_json
 from gauntlet.scheduler.suites import Suite, load_suite
@@ -84,12 +84,9 @@ def enqueue_new(engine, queue: JobQueue) -> int:
 
     Covers both fresh rows and rows a crashed submit inserted but never enqueued. Two
     submits (or a submit and a nightly run) racing over the same rows each see them all;
-    the compare-and-set in ``enqueue_once`` lets exactly one of them XADD each job.
+    the compare-and-set in ``enqueue_fresh`` lets exactly one of them XADD each job.
     """
-    return sum(
-        enqueue_once(engine, queue, job_id, seen=None) is not None
-        for job_id in lifecycle.unenqueued_jobs(engine)
-    )
+    return len(enqueue_fresh(engine, queue, lifecycle.unenqueued_jobs(engine)))
 
 
 def expand_suite(
@@ -164,6 +161,12 @@ def submit(
     )
     intake.store_note(engine, model_id, note)
     intake.store_card(engine, model_id, options["card"])
-    inserted = lifecycle.insert_jobs(engine, new_jobs(specs, suite))
+    if settings.gate:  # only the gate now; its verdict queues the rest (scheduler.gate)
+        from gauntlet.scheduler import gate
+
+        spec = gate.gate_spec(model_id, dataset, suite, n, options["card"])
+        inserted = gate.queue_gate(engine, queue, spec)
+    else:
+        inserted = lifecycle.insert_jobs(engine, new_jobs(specs, suite))
     enqueued = enqueue_new(engine, queue)
     return SubmitReport(model_id, display, created, len(specs), len(inserted), enqueued)

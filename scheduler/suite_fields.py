@@ -23,6 +23,7 @@ EVAL_FIELDS = (
     "params",
     "eps_sweep",
     "eot_samples",
+    "draws",
     "adaptive",
     "kind",
     "timeout_s",
@@ -127,8 +128,9 @@ def evaluation(where: str, item: Any, allowed: tuple[str, ...] = EVAL_FIELDS) ->
             raise GauntletError(
                 f"{where}: `eps_sweep` needs a `norm`: it lists multiples of that norm's budget"
             )
-    if "eot_samples" in item:
-        integer(where, "eot_samples", item["eot_samples"], 1, 1000)
+    for field in ("eot_samples", "draws"):
+        if field in item:
+            integer(where, field, item[field], 1, 1000)
     check_timeout(item.get("timeout_s"), where)
     for field in ("adaptive", "ensemble"):
         if item.get(field) is not None and not isinstance(item[field], bool):

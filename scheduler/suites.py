@@ -131,7 +131,8 @@ class Suite:
         if defense is None:
             return [JobSpec(**common)]
         name, params = defense["name"], dict(defense.get("params") or {})
-        eot = item.get("eot_samples", 10)  # an int: suite_fields checked it
+        eot = item.get("eot_samples", 10)  # ints: suite_fields checked them
+        draws = item.get("draws", 10)
         modes = [True]
         if item.get("adaptive") is None and item["attack"] != "clean":
             # Both numbers for a defended entry: a defense that only masks gradients
@@ -140,7 +141,14 @@ class Suite:
         elif item.get("adaptive") is not None:
             modes = [bool(item["adaptive"])]
         return [
-            JobSpec(**common, defense=name, defense_params=params, adaptive=mode, eot_samples=eot)
+            JobSpec(
+                **common,
+                defense=name,
+                defense_params=params,
+                adaptive=mode,
+                eot_samples=eot,
+                draws=draws,
+            )
             for mode in modes
         ]
 

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from gauntlet.scheduler import attempts, lifecycle, outage
+from gauntlet.scheduler import attempts, bulk, lifecycle, outage
 from gauntlet.scheduler.outage import DATABASE, REDIS
 from gauntlet.scheduler.queue import Entry
 from gauntlet.workers.results import JobFailure, JobResult
@@ -49,6 +49,13 @@ class Owed:
     stored: bool = False  # the result is in; only registering a derived model is left
 
 
+def may_follow(outcome: JobResult) -> bool:
+    """Whether a stored result could call for follow-ups: flags fired, or a black-box
+    attack (which may beat every white-box one); clean accuracy and the like never."""
+    details = outcome.details or {}
+    return bool(details.get("flags")) or any(m.name == "mean_queries" for m in outcome.metrics)
+
+
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -76,11 +83,49 @@ class WriteBack:
     def flush(self) -> None:
         """Write what is owed, oldest first, to whichever service is reachable."""
         waiting = []
-        for owed in self.owed:
+        rest = self._store_batch(self.owed) if self.d.links.up(DATABASE) else self.owed
+        for owed in rest:
             if not self.d.links.up(DATABASE) or not self._store_safely(owed):
                 waiting.append(owed)
         self.owed = waiting
         self._flush_acks()
+
+    def _plain(self, owed: Owed) -> bool:
+        """A result that needs nothing after it is stored but its acknowledgement."""
+        outcome = owed.outcome
+        if not isinstance(outcome, JobResult) or owed.stored:
+            return False
+        details = outcome.details or {}
+        if details.get("derived_weights_sha256") or "gate" in details:
+            return False
+        return not (self.d.followups and may_follow(outcome))
+
+    def _store_batch(self, owed: list[Owed]) -> list[Owed]:
+        """Store the plain results in one transaction; what is left for one by one.
+
+        Any error other than an outage hands the whole batch back to the one-by-one
+        path, where the result that caused it fails alone.
+        """
+        batch = [o for o in owed if self._plain(o)]
+        if len(batch) < 2:
+            return owed
+        triples = [(o.entry.job_id, o.attempt, o.outcome) for o in batch]
+        try:
+            stored = bulk.finish_many(self.d.engine, self.d.consumer, triples)
+        except Exception as exc:  # noqa: BLE001 - retried one by one, or after the outage
+            self.d.note_outage(exc)
+            return owed
+        for o in batch:
+            job_id = o.entry.job_id
+            if job_id not in stored:
+                # Our lease lapsed and another replica took the job: its result counts.
+                self.d.event("fenced", job_id, "lease lost; result discarded")
+                continue
+            self.unacked.append((o.entry, None))
+            self.d.stats.done += 1
+            self.d.event("done", job_id, "")
+        chosen = {id(o) for o in batch}
+        return [o for o in owed if id(o) not in chosen]
 
     def _store_safely(self, owed: Owed) -> bool:
         """``_store``; False when an outage means trying again later."""
@@ -109,6 +154,12 @@ class WriteBack:
                 # Before the ack: a crash here leaves the entry to be redelivered, and
                 # registering the same derived model again changes nothing.
                 if not self.register_derived(job_id):
+                    self.settle(entry)
+                    return True
+            if "gate" in outcome.details or (self.d.followups and may_follow(outcome)):
+                if not self.d.links.up(REDIS):
+                    return False  # both enqueue what they add
+                if not self.follow_on(job_id):
                     self.settle(entry)
                     return True
             self.settle(entry)
@@ -152,9 +203,13 @@ class WriteBack:
     def _flush_acks(self) -> None:
         while self.unacked and self.d.links.up(REDIS):
             entry, reason = self.unacked[0]
+            # A run of plain acknowledgements goes in one round trip.
+            run = 1
+            while run < len(self.unacked) and reason is None and self.unacked[run][1] is None:
+                run += 1
             try:
                 if reason is None:
-                    self.d.queue.ack(entry.entry_id)
+                    self.d.queue.ack_many([e.entry_id for e, _ in self.unacked[:run]])
                 else:
                     self.d.queue.dead_letter(entry, reason)
             except Exception as exc:  # noqa: BLE001 - an ack must never stop the loop
@@ -162,7 +217,7 @@ class WriteBack:
                     return
                 # The job is settled in SQL: a redelivery of the entry is acked as stale.
                 log.exception("job %s: acknowledging entry %s failed", entry.job_id, entry)
-            self.unacked.pop(0)
+            del self.unacked[:run]
 
     def register_derived(self, job_id: int) -> bool:
         """Register a train job's model; on an error the job fails with it stored."""
@@ -179,6 +234,33 @@ class WriteBack:
             self.d.stats.failed += 1
             self.d.event("failed", job_id, message)
             return False
+
+    def follow_on(self, job_id: int) -> bool:
+        """Release a gate's suite, or queue a flagged result's follow-ups (idempotent).
+
+        False when a gate stopped its model, or could not be released: the gate job is
+        failed with the reason. A follow-up that cannot be planned is logged; the result
+        it follows stays stored.
+        """
+        from gauntlet.scheduler import followups
+
+        try:
+            stopped = followups.after_result(self.d.engine, self.d.queue, job_id, self.d.followups)
+        except Exception as exc:
+            if outage.service_of(exc):
+                raise
+            if lifecycle.get_job(self.d.engine, job_id)["kind"] != "gate":
+                log.exception("job %s: queueing its follow-ups failed", job_id)
+                return True
+            message = f"releasing the model's jobs failed: {describe(exc)}"
+            attempts.fail_job(self.d.engine, job_id, message, keep_done=False)
+            self.d.stats.failed += 1
+            self.d.event("failed", job_id, message)
+            return False
+        if stopped:
+            self.d.stats.failed += 1
+            self.d.event("failed", job_id, stopped)
+        return not stopped
 
     def dead_letter(self, entry: Entry, reason: str) -> None:
         lifecycle.fail_dead_lettered(self.d.engine, entry.job_id, reason)

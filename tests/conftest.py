@@ -19,6 +19,13 @@ from gauntlet.cluster.settings import Settings
 # The attack tests' digits fixtures (``standard``, ``correct``) live with their helpers.
 pytest_plugins = ["tests.attack_helpers"]
 
+# The submission gate and the follow-ups of flags add jobs to every submission and to
+# every flagged result; the tests of other parts count jobs without them. Their own
+# tests (test_gate.py, test_followups.py, the rehearsal) turn them on explicitly. Set in
+# the environment so CLI invocations and subprocesses see it too.
+os.environ.setdefault("GAUNTLET_GATE", "0")
+os.environ.setdefault("GAUNTLET_FOLLOWUPS", "0")
+
 REDIS_ENV = "GAUNTLET_TEST_REDIS_URL"
 POSTGRES_ENV = "GAUNTLET_TEST_POSTGRES_URL"
 
@@ -34,7 +41,12 @@ def _server_url(env_name: str) -> str:
 
 def make_settings(home: Path, **overrides) -> Settings:
     """Settings for a test: everything under ``home`` unless overridden."""
-    env = {"GAUNTLET_HOME": str(home), "GAUNTLET_LEASE_SECONDS": "2"}
+    env = {
+        "GAUNTLET_HOME": str(home),
+        "GAUNTLET_LEASE_SECONDS": "2",
+        "GAUNTLET_GATE": os.environ["GAUNTLET_GATE"],
+        "GAUNTLET_FOLLOWUPS": os.environ["GAUNTLET_FOLLOWUPS"],
+    }
     env.update({k: str(v) for k, v in overrides.items() if v is not None})
     return Settings.from_env(env)
 
@@ -107,6 +119,16 @@ def db_url(request, tmp_path: Path) -> str:
     if request.param == "postgres":
         return request.getfixturevalue("postgres_url")
     return f"sqlite:///{tmp_path / 'test.db'}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model_cache():
+    """In-process jobs keep loaded networks by content; each test starts without them, so
+    a test that damages a stored file sees the job read it."""
+    from gauntlet.workers import model_cache
+
+    model_cache.clear()
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -30,6 +30,10 @@ PINNED = {
         "confidence=0.0, abort_early=True, targeted=False, target='random')",
     ),
     "deepfool": ({}, "DeepFool(norm=None, steps=50, overshoot=0.02, candidates=10)"),
+    "dknn-feature-space": (
+        {},
+        "DkNNFeatureSpace(norm=None, steps=100, rel_stepsize=0.025, guides=75, check_every=10)",
+    ),
     "fab-t": (
         {},
         "FABT(norm=None, steps=100, restarts=1, n_target_classes=9, alpha_max=0.1, eta=1.05, "

@@ -91,8 +91,14 @@ def test_stays_in_the_ball_and_the_box(standard, name, params, threat):
     assert distance.max() <= threat.eps + 1e-5
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
     assert torch.equal(result.x_adv[~result.clean_correct], x[~result.clean_correct])
-    # What the attack reports is what the model says on the returned points.
-    assert torch.equal(result.robust, accuracy(model, result.x_adv, y) & result.clean_correct)
+    # What the attack reports is what the model says on the returned points, except
+    # where two logits tie to float precision: DeepFool stops right on the boundary, and
+    # a forward pass over another batch may round such a point to either side.
+    with torch.no_grad():
+        top = model(result.x_adv).topk(2, dim=1).values
+    decided = (top[:, 0] - top[:, 1]) > 1e-5
+    says = accuracy(model, result.x_adv, y) & result.clean_correct
+    assert torch.equal(result.robust[decided], says[decided])
     assert result.grad_evals == sum(result.active_per_step) > 0
     assert 0 < result.robust.sum() < result.clean_correct.sum()  # the eps means something
 

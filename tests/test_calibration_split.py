@@ -78,3 +78,25 @@ def test_boards_show_a_dash_for_a_missing_temperature():
     table = calibration_table([row])
     column = [c.header for c in table.columns].index("temperature")
     assert list(table.columns[column].cells) == ["-"]
+
+
+def test_confidence_under_attack_goes_through_the_adaptive_surface(stored):
+    """A non-differentiable defense: the adv_ numbers come from the BPDA attack, not plain PGD.
+
+    Plain PGD on bit-depth reduction sees zero gradients and leaves the defended model
+    confidently right; through BPDA the same job finds the errors the defense hides.
+    """
+    from tests.service_helpers import run_eval
+
+    def calibrate(adaptive: bool):
+        result = run_eval(
+            stored, n=64, kind="calibration", defense="bit-depth", adaptive=adaptive
+        )
+        return {m.name: m.value for m in result.metrics}, result.details
+
+    plain, plain_details = calibrate(False)
+    adaptive, details = calibrate(True)
+    assert plain_details["adaptations"] == [] and details["adaptations"] == ["bpda"]
+    assert plain["accuracy"] == adaptive["accuracy"] > 0.85  # clean numbers do not depend on it
+    assert plain["adv_accuracy"] > 0.8 * plain["accuracy"]
+    assert adaptive["adv_accuracy"] < plain["adv_accuracy"] - 0.4

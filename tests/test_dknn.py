@@ -116,6 +116,200 @@ def test_dknn_accuracy_close_to_model_and_credibility_drops_under_fgsm(dknn, sta
     assert cred_adv.mean() <= cred.mean() - 0.15
 
 
+@pytest.mark.parametrize(
+    ("arch", "names", "widths"),
+    [
+        # Stage outputs pooled to at most 4x4 (32x32 input; torchvision's stem divides by
+        # 4), then the input of the classifier (the pooled penultimate features).
+        (
+            "torchvision:resnet18",
+            ["layer1", "layer2", "layer3", "layer4", "fc"],
+            [64 * 16, 128 * 16, 256 * 4, 512, 512],
+        ),
+        ("wrn-10-1", ["block1", "block2", "block3", "fc"], [16 * 16, 32 * 16, 64 * 16, 64]),
+        (
+            "preact-resnet18",
+            ["layer1", "layer2", "layer3", "layer4", "linear"],
+            [64 * 16, 128 * 16, 256 * 16, 512 * 16, 512],
+        ),
+    ],
+)
+def test_default_layers_of_residual_networks_fire_once(arch, names, widths):
+    from gauntlet.workers.architectures import build_architecture
+
+    torch.manual_seed(0)
+    net = build_architecture(arch, InputSpec(3, 32, 32, 10)).eval()
+    x, y = torch.rand(30, 3, 32, 32), torch.arange(30) % 10
+    knn = DeepKNN(net, x, y, calibration_size=10, k=3)
+    modules = dict(net.named_modules())
+    assert [m for m, _ in knn.layers] == [modules[name] for name in names]
+    assert [f.shape for f in knn.train_features] == [(20, w) for w in widths]
+
+    calls = {name: 0 for name in names}
+    handles = [
+        modules[name].register_forward_pre_hook(lambda *_, n=name: calls.update({n: calls[n] + 1}))
+        for name in names
+    ]
+    feats = knn.features(x[:4])
+    for handle in handles:
+        handle.remove()
+    assert calls == {name: 1 for name in names}  # one batch: each layer ran exactly once
+
+    # The penultimate features are what the classifier reads: the logits follow from them.
+    head = modules[names[-1]]
+    with torch.no_grad():
+        assert torch.allclose(head(feats[-1]), net(x[:4]), atol=1e-5)
+    if arch.startswith("torchvision"):
+        # Reference for a stage: torchvision's own stem and layer1, pooled to 4x4 by hand.
+        with torch.no_grad():
+            stem = net.maxpool(net.relu(net.bn1(net.conv1(x[:4]))))
+            ref = nn.functional.adaptive_avg_pool2d(net.layer1(stem), 4).flatten(1)
+        assert torch.allclose(feats[0], ref, atol=1e-5)
+
+
+def test_a_reused_module_is_refused():
+    from gauntlet.workers.architectures import build_architecture
+
+    net = build_architecture("torchvision:resnet18", InputSpec(3, 32, 32, 10)).eval()
+    x, y = torch.rand(12, 3, 32, 32), torch.arange(12) % 10
+    # layer1.0.relu runs twice in each BasicBlock: its features would be ambiguous.
+    with pytest.raises(GauntletError, match="more or less than once"):
+        DeepKNN(net, x, y, layers=["layer1.0.relu"], calibration_size=4, k=2)
+
+
+# ---------------------------------------------------------------- adaptive DkNN attack
+
+ADAPTIVE_SPEC = {
+    "dataset": "digits",
+    "attack": "pgd",
+    "params": {},
+    "norm": "linf",
+    "eps": 0.3,
+    "n": 64,
+    "seed": 0,
+    "batch_size": 64,
+    "defense": "dknn",
+    "defense_params": {"index_size": 1000},
+}
+
+
+def test_feature_space_attack_lowers_dknn_robust_accuracy(stored):
+    from gauntlet.workers.results import unpack
+    from gauntlet.workers.task import run_spec
+
+    model, store = stored
+    runs = {
+        adaptive: run_spec(
+            {**ADAPTIVE_SPEC, "adaptive": adaptive}, model, artifacts=store, data_root=""
+        )
+        for adaptive in (False, True)
+    }
+    value = {a: {m.name: m.value for m in r.metrics} for a, r in runs.items()}
+    print({a: (v["robust_accuracy"], v["rejected_adversarial"]) for a, v in value.items()})
+    assert runs[False].details["adaptations"] == []
+    assert runs[True].details["adaptations"] == ["dknn-feature-space"]
+    # Same points, same clean answers (and the same rejections of clean inputs).
+    assert runs[True].clean == runs[False].clean
+    assert value[True]["rejected_clean"] == value[False]["rejected_clean"] < 0.15
+    # Measured: plain PGD 0.83 (41% of its adversarial inputs rejected), adaptive 0.06.
+    assert value[False]["robust_accuracy"] > 0.6
+    assert value[True]["robust_accuracy"] <= value[False]["robust_accuracy"] - 0.4
+    assert value[True]["rejected_adversarial"] < value[False]["rejected_adversarial"]
+    # Per point (measured): the adaptive run, which runs the plain attack first, broke
+    # every point the plain run broke.
+    robust = {a: unpack(r.robust, 64) for a, r in runs.items()}
+    assert not (robust[True] & ~robust[False]).any()
+    assert runs[True].details["breakdown"]["dknn-feature-space"] > 0
+    bits = runs[True].details["rejected"]
+    assert unpack(bytes.fromhex(bits["adversarial"]), 64).mean() == pytest.approx(
+        value[True]["rejected_adversarial"]
+    )
+
+
+def _board_run(engine, model_id, attack, robust, rejected_adv, adaptations, n=10):
+    """A done DkNN job: clean wrong (rejected) at 9, ``robust`` and rejections as given."""
+    import hashlib
+
+    from gauntlet.scheduler import lifecycle
+    from gauntlet.workers.results import JobResult, pack
+
+    clean = [i != 9 for i in range(n)]
+    rejected = {
+        "clean": pack([i == 9 for i in range(n)]).hex(),
+        "adversarial": pack(rejected_adv).hex(),
+    }
+    key = hashlib.sha256(f"{model_id}-{attack}-{adaptations}".encode()).hexdigest()
+    (job_id,) = lifecycle.insert_jobs(
+        engine,
+        [
+            lifecycle.NewJob(
+                job_key=key,
+                model_id=model_id,
+                kind="eval",
+                suite="test",
+                spec={},
+                dataset="digits",
+                attack=attack,
+                norm=None if attack == "clean" else "linf",
+                eps=None if attack == "clean" else 0.3,
+                subset_key=f"digits:test:{n}:0",
+                defense="DkNN(k=75, calibration_size=750, index_size=10000, threshold=0.1, seed=0)",
+            )
+        ],
+    )
+    claim = lifecycle.claim(engine, job_id, "sched", 60)
+    details = {"adaptations": adaptations, "rejected": rejected}
+    result = JobResult(metrics=[], n=n, clean=pack(clean), robust=pack(robust), details=details)
+    assert lifecycle.finish(engine, job_id, "sched", claim.attempt, result)
+
+
+def test_board_credits_rejections_only_under_the_adaptive_attack(db_url):
+    from gauntlet.db import open_database
+    from gauntlet.scheduler.boards.leaderboard import leaderboard
+    from gauntlet.scheduler.boards.rejecting import NO_ADAPTIVE
+    from tests.service_helpers import add_model
+
+    engine = open_database(db_url, auto_upgrade=True)
+    model_id = "d" * 64
+    add_model(engine, model_id, "dknn-net")
+    none = [False] * 10
+    _board_run(engine, model_id, "clean", [i != 9 for i in range(10)], none, [])
+    # Plain PGD: one accepted wrong answer (0), three rejected inputs (1, 2, 3) stored as
+    # robust by the job, clean point 9 rejected.
+    plain_robust = [i not in (0, 9) for i in range(10)]
+    _board_run(engine, model_id, "pgd", plain_robust, [i in (1, 2, 3) for i in range(10)], [])
+    (entry,) = leaderboard(engine)
+    # No adaptive result: rejections not credited, 10 - |{0, 1, 2, 3, 9}| = 5 robust.
+    assert (entry.robust_accuracy, entry.robust_non_adaptive) == (0.5, 0.5)
+    assert entry.rejecting and entry.rejected_clean == 0.1
+    assert NO_ADAPTIVE in entry.unreliable
+
+    # The feature-space attack gets 1 accepted; 2 and 3 stay rejected under it too.
+    adaptive_robust = [i not in (1, 9) for i in range(10)]
+    _board_run(
+        engine,
+        model_id,
+        "pgd",
+        adaptive_robust,
+        [i in (2, 3) for i in range(10)],
+        ["dknn-feature-space"],
+    )
+    (entry,) = leaderboard(engine)
+    # Robust: survived both, rejections credited = not in {0, 1, 9}: 7 of 10. The
+    # non-adaptive column still credits none of the plain attack's rejections.
+    assert (entry.robust_accuracy, entry.robust_non_adaptive) == (0.7, 0.5)
+    assert entry.unreliable == [] and entry.rejecting
+    engine.dispose()
+
+
+def test_feature_space_attack_refuses_a_model_that_is_not_a_dknn(standard, test_points):
+    x, y = test_points
+    with pytest.raises(GauntletError, match="dknn"):
+        build_attack("dknn-feature-space", {"steps": 2})(
+            standard, x[:4], y[:4], Threat("linf", 0.1)
+        )
+
+
 # ---------------------------------------------------------------------------- quilting
 
 

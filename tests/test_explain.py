@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import sqlalchemy as sa
@@ -59,6 +60,32 @@ def test_explain_job_stores_maps_and_grids(tmp_path, digits_models):
     with app.engine.connect() as conn:
         names = set(conn.execute(stmt).scalars())
     assert {"saliency_rank_correlation", "lime_mean_abs_clean", "robust_accuracy"} <= names
+    _job_page_shows_the_grids(app, job, store)
+
+
+def _job_page_shows_the_grids(app, job, store):
+    """The web job page embeds each method's grid, served only to who may see the model."""
+    import hashlib
+
+    from fastapi.testclient import TestClient
+
+    from gauntlet.db.schema import Model
+    from gauntlet.scheduler import api as api_package
+
+    client = TestClient(api_package.create_api(app))
+    page = client.get(f"/jobs/{job['id']}").text
+    sources = re.findall(r'<img src="(/jobs/\d+/images/[a-z_]+\.png)"', page)
+    assert sources == [f"/jobs/{job['id']}/images/{m}_grid.png" for m in ("lime", "saliency", "ig")]
+    for source, method in zip(sources, ("lime", "saliency", "ig"), strict=True):
+        response = client.get(source)
+        assert response.headers["content-type"] == "image/png"
+        expected = job["details"]["explanations"][method]["grid"]
+        assert hashlib.sha256(response.content).hexdigest() == expected
+    # Names the details do not list are not served, whatever the store holds.
+    assert client.get(f"/jobs/{job['id']}/images/inputs.png").status_code == 404
+    with app.engine.begin() as conn:
+        conn.execute(sa.update(Model).where(Model.id == job["model_id"]).values(public=False))
+    assert client.get(sources[0]).status_code == 404
 
 
 def test_cli_requests_an_explain_job_and_shows_its_artifacts(tmp_path, digits_models):

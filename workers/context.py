@@ -10,6 +10,7 @@ its model, data and device its own way.
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -21,16 +22,19 @@ import torch
 
 from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers import results
+from gauntlet.workers import gpu, model_cache, results
 from gauntlet.workers.checkpoint import Checkpoint
 from gauntlet.workers.datasets import dataset_info, eval_subset, load_split
 from gauntlet.workers.models import InputSpec, load_classifier
+from gauntlet.workers.remote_store import RemoteArtifactStore, open_store
 from gauntlet.workers.results import JobResult, Metric
 
 Progress = Callable[[int, int], None]
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
+    # Cached: reading package metadata parses files, milliseconds that a small job notices.
     try:
         return metadata.version("gauntlet-eval")
     except metadata.PackageNotFoundError:
@@ -86,9 +90,22 @@ class JobContext:
     def seed(self) -> int:
         return int(self.spec["seed"])
 
-    @property
+    @cached_property
     def batch_size(self) -> int:
-        return int(self.spec.get("batch_size", 256))
+        """The spec's batch size; on a GPU, as many points as fit (``workers.gpu``)."""
+        floor = int(self.spec.get("batch_size", 256))
+        if self.device.type != "cuda":
+            return floor
+        spec = self.input_spec
+        randomized = bool(self.spec.get("defense")) and getattr(self.defended, "randomized", False)
+        return gpu.auto_batch_size(
+            self.net,
+            (spec.channels, spec.height, spec.width),
+            self.device,
+            floor=floor,
+            cap=max(int(self.spec.get("n") or floor), floor),
+            copies=int(self.spec.get("eot_samples", 10)) if randomized else 1,
+        )
 
     @property
     def params(self) -> dict:
@@ -99,12 +116,14 @@ class JobContext:
         return InputSpec.from_dict(self.model["input_spec"])
 
     @cached_property
-    def store(self) -> ArtifactStore:
-        return ArtifactStore(self.artifacts)
+    def store(self) -> ArtifactStore | RemoteArtifactStore:
+        # A local (or shared) path, or the scheduler's store through Ray (``artifacts``
+        # is then a ``ray-artifacts://`` address): the same interface either way.
+        return open_store(self.artifacts)
 
     @cached_property
     def checkpoint(self) -> Checkpoint | None:
-        return Checkpoint(self.artifacts, self.checkpoint_name) if self.checkpoint_name else None
+        return Checkpoint(self.store, self.checkpoint_name) if self.checkpoint_name else None
 
     # -- models -----------------------------------------------------------------------
 
@@ -112,8 +131,13 @@ class JobContext:
         """A stored model in pixel space (normalisation inside), checked against the data."""
         input_spec = InputSpec.from_dict(row["input_spec"])
         check_input_matches(input_spec, self.dataset)
-        weights = self.store.get(row["weights_sha256"])
-        return load_classifier(weights, row["arch"], input_spec, device=self.device)
+
+        def load() -> torch.nn.Module:
+            weights = self.store.get(row["weights_sha256"])
+            net = load_classifier(weights, row["arch"], input_spec, device=self.device)
+            return gpu.prepare_model(net, self.device)
+
+        return model_cache.cached_network(model_cache.network_key(row, self.device), load)
 
     def other_models(self, ids: Sequence[str], what: str) -> list[torch.nn.Module]:
         """The models named by ``ids`` (in that order); GauntletError if one is unknown."""
@@ -141,7 +165,7 @@ class JobContext:
             defended,
             dataset=self.dataset,
             model_sha=self.model.get("weights_sha256"),
-            artifacts=self.artifacts,
+            artifacts=self.store,
             data_root=self.data_root,
         )
         return defended
@@ -152,7 +176,7 @@ class JobContext:
     def eval_data(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x, y, indices) of the evaluation subset; x and y on the job's device."""
         x, y, indices = eval_subset(self.dataset, self.spec["n"], self.seed, self.data_root)
-        torch.manual_seed(self.seed)
+        gpu.seed_everything(self.seed)
         return x.to(self.device), y.to(self.device), indices
 
     def train_split(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -264,3 +264,8 @@ _torchvision_dataset(
 _torchvision_dataset(
     "gtsrb", "GTSRB", _RGB, 43, (0.3403, 0.3121, 0.3214), (0.2724, 0.2608, 0.2669), 12630
 )
+
+
+# ImageNet lives in its own module (ImageFolder reading and preprocessing); importing it
+# here registers it with the built-ins. At the end: it imports this module's names.
+from gauntlet.workers import imagenet as _imagenet  # noqa: E402, F401

@@ -8,6 +8,7 @@ kill) and retries. The payload's deadline holds whatever the job fans out to it.
 
 from __future__ import annotations
 
+import functools
 import socket
 
 from gauntlet.cluster.errors import GauntletError
@@ -20,28 +21,50 @@ from gauntlet.workers.results import JobFailure, JobResult
 PROGRESS_TTL_S = 3600
 
 
+@functools.lru_cache(maxsize=4)
+def _progress_client(redis_url: str):
+    """One client (and connection pool) per Redis per worker process, reused by its jobs."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # No retries: while Redis is away, a progress update should cost nothing.
+    return redis.Redis.from_url(redis_url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+
+
 def _progress_reporter(redis_url: str | None, key: str | None):
     """Publish (done, total) to a Redis hash; progress is best effort, never fatal."""
     if not redis_url or not key:
         return None
     import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
     try:
-        # No retries: while Redis is away, a progress update should cost nothing.
-        client = redis.Redis.from_url(redis_url, socket_timeout=2, retry=Retry(NoBackoff(), 0))
+        client = _progress_client(redis_url)
     except (redis.RedisError, ValueError):
         return None
 
     def report(done: int, total: int) -> None:
         try:
-            client.hset(key, mapping={"done": done, "total": total})
-            client.expire(key, PROGRESS_TTL_S)
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(key, mapping={"done": done, "total": total})
+            pipe.expire(key, PROGRESS_TTL_S)
+            pipe.execute()
         except redis.RedisError:
             pass
 
     return report
+
+
+def _ray_node() -> str | None:
+    """The Ray node this job ran on (hostnames repeat when nodes share a machine)."""
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 - a label must never fail a job
+        return None
+    return None
 
 
 def _device_label() -> str | None:
@@ -88,14 +111,19 @@ def run_spec(
     # fit fail the job before any work is spent on it.
     ctx.net  # noqa: B018
     # Here, not in each kind: every kind's result gets the same provenance record.
-    return provenance.attach(ctx, kind.run(ctx), keep_adversarial=keep_adversarial)
+    result = provenance.attach(ctx, kind.run(ctx), keep_adversarial=keep_adversarial)
+    if spec.get("followup"):
+        # Which job a follow-up follows, and why: kept with its result, which replaces
+        # whatever details the row held.
+        result.details["followup"] = spec["followup"]
+    return result
 
 
 def run_job(payload: dict) -> JobResult | JobFailure:
     progress = _progress_reporter(payload.get("redis_url"), payload.get("progress_key"))
     try:
         with job_deadline(payload.get("deadline"), payload.get("time_limit_s")):
-            return run_spec(
+            result = run_spec(
                 payload["spec"],
                 payload["model"],
                 artifacts=payload["artifacts"],
@@ -108,3 +136,7 @@ def run_job(payload: dict) -> JobResult | JobFailure:
             )
     except GauntletError as exc:
         return JobFailure(message=str(exc), permanent=True, worker_host=socket.gethostname())
+    node = _ray_node()
+    if node:
+        result.details = {**(result.details or {}), "ray_node": node}
+    return result

@@ -17,8 +17,10 @@ import numpy as np
 import sqlalchemy as sa
 
 from gauntlet.db.schema import Job, Model, Outcome
+from gauntlet.scheduler import staleness
+from gauntlet.scheduler.boards import rejecting
 from gauntlet.scheduler.boards.metrics import done_rows
-from gauntlet.workers.results import unpack, wilson_interval, worst_case
+from gauntlet.workers.results import unpack, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,14 @@ class Entry:
     # robust_accuracy means the defense mostly masks gradients.
     robust_non_adaptive: float | None = None
     unreliable: list[str] = field(default_factory=list)  # "potentially unreliable": why
+    # A defense that may refuse to answer (DkNN); see rejecting.py for what counts.
+    rejecting: bool = False
+    rejected_clean: float | None = None  # share of clean inputs it refused
+    # Results computed by older code (a version bumped since): what changed. Empty once
+    # fresh runs replace them (``scheduler.staleness``).
+    stale: list[str] = field(default_factory=list)
+    # Follow-ups its flags queued are still running (``scheduler.followups``).
+    under_evaluation: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,27 +161,32 @@ def _entry(
         if clean_run is not None and clean_run.n != n:
             clean_run = None
     clean = unpack((clean_run or consistent[-1]).clean, n)
+    rejects = rejecting.is_rejecting(model_runs[0])
+    credit = any(rejecting.is_adaptive(run) for run in consistent)
+    bits = {run.job_id: rejecting.robust_bits(run, n, credit=credit) for run in consistent}
     robust_by_attack: dict[str, np.ndarray] = {}
     for run in consistent:
         # Two runs of one attack (e.g. two configurations) count as one, at their worst.
-        robust = unpack(run.robust, n)
+        robust = bits[run.job_id]
         robust_by_attack[run.label] = robust & robust_by_attack.get(run.label, robust)
     # AND with clean as well: a point misclassified without any attack is not robust,
     # even if a worker's robust bit claimed otherwise.
-    survived = worst_case([run.robust for run in consistent], n) & clean
+    survived = np.logical_and.reduce([bits[run.job_id] for run in consistent]) & clean
     k = int(np.count_nonzero(survived))
     low, high = wilson_interval(k, n)
     first = model_runs[0]
     non_adaptive = None
     if first.defense is not None:
-        plain = [run.robust for run in consistent if not run.adaptive]
+        plain = [run for run in consistent if not run.adaptive]
         if plain:
-            non_adaptive = float(np.count_nonzero(worst_case(plain, n) & clean)) / n
+            kept = [rejecting.robust_bits(run, n, credit=False) for run in plain]
+            non_adaptive = float(np.count_nonzero(np.logical_and.reduce(kept) & clean)) / n
     # A defended entry's non-adaptive runs are expected to look masked (that is why the
     # adaptive ones exist); the entry is unreliable if its adaptive evaluation is.
     trusted = [run for run in consistent if run.adaptive or run.defense is None] or consistent
     flags = sorted({flag for run in trusted for flag in run.flags})
     flags += _masking_flags(clean, robust_by_attack)
+    flags += [rejecting.NO_ADAPTIVE] if rejects and not credit else []
     return Entry(
         rank=0,
         model_id=first.model_id,
@@ -191,6 +206,8 @@ def _entry(
         defense=first.defense,
         robust_non_adaptive=non_adaptive,
         unreliable=flags,
+        rejecting=rejects,
+        rejected_clean=rejecting.rejected_clean(consistent, clean_run, n) if rejects else None,
     )
 
 
@@ -201,7 +218,7 @@ def leaderboard(engine: sa.Engine, *, dataset: str | None = None) -> list[Entry]
     belongs to every table of its dataset and subset. Failed, queued and running jobs
     are ignored: only done jobs have outcomes.
     """
-    runs = _done_runs(engine, dataset)
+    runs, stale = staleness.current_runs(engine, _done_runs(engine, dataset))
     attacks: dict[tuple, dict[tuple, list[_Run]]] = defaultdict(lambda: defaultdict(list))
     clean_runs: dict[tuple, _Run] = {}
     for run in runs:
@@ -219,7 +236,9 @@ def leaderboard(engine: sa.Engine, *, dataset: str | None = None) -> list[Entry]
         table = []
         for entry_key, model_runs in by_entry.items():
             clean_run = clean_runs.get((entry_key, group[0], group[3]))
-            table.append(_entry(group, model_runs, clean_run))
+            entry = _entry(group, model_runs, clean_run)
+            entry.stale = staleness.reasons(stale, [*model_runs, clean_run])
+            table.append(entry)
         table.sort(
             key=lambda e: (
                 -e.robust_accuracy,
@@ -233,4 +252,10 @@ def leaderboard(engine: sa.Engine, *, dataset: str | None = None) -> list[Entry]
             entry.rank = rank
         entries.extend(table)
     entries.sort(key=lambda e: (e.dataset, e.norm, e.eps, e.subset_key, e.rank))
+    from gauntlet.scheduler.followups import pending  # it builds on this module
+
+    waiting = pending(engine)
+    for e in entries:
+        key = (e.model_id, e.defense, e.dataset, e.norm, e.eps, e.subset_key)
+        e.under_evaluation = key in waiting
     return entries

@@ -53,7 +53,8 @@ def nightly(ctx, suites, as_json):
     else:
         console.print(
             f"{report.models} models, {report.expanded} evaluations, "
-            f"{report.new_jobs} new jobs, {report.enqueued} enqueued"
+            f"{report.new_jobs} new jobs ({report.stale} re-running stale results), "
+            f"{report.enqueued} enqueued"
         )
 
 

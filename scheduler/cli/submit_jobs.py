@@ -99,7 +99,7 @@ def jobs(ctx, status, model, dataset, limit, watch, interval, as_json):
 @click.option(
     "--method",
     required=True,
-    type=click.Choice(["fgsm-at", "pgd-at", "ensemble-at", "distillation"]),
+    type=click.Choice(["fgsm-at", "pgd-at", "ensemble-at", "distillation", "prn"]),
 )
 @click.option("--static", "static", multiple=True, help="ensemble-at: a pre-trained model.")
 @click.option("--eps", type=float, help="Adversarial training budget (Linf).")

@@ -49,20 +49,28 @@ def leaderboard_tables(entries) -> list[Table]:
             table.add_column(column, justify="right" if column in ("rank", "n") else "left")
         for e in group:
             name = e.model if not e.defense else f"{e.model} + {e.defense}"
+            if getattr(e, "rejecting", False):  # may refuse to answer: see the README
+                name += " [rejecting]"
             row = [
                 str(e.rank),
                 name,
                 _pct(e.clean_accuracy),
-                _pct(e.robust_accuracy),
+                _pct(e.robust_accuracy)
+                + (f" (rejects {_pct(e.rejected_clean)} clean)" if e.rejecting else ""),
                 f"{_pct(e.robust_low)}-{_pct(e.robust_high)}",
                 str(e.n),
                 e.strongest_attack or "-",
             ]
             if defended:
                 row.insert(4, _pct(e.robust_non_adaptive))
-            row.append(
+            reliable = (
                 "potentially unreliable: " + "; ".join(e.unreliable) if e.unreliable else "yes"
             )
+            # Results of older code (a version bumped since) until nightly re-runs them.
+            stale = getattr(e, "stale", None)
+            row.append(f"stale ({'; '.join(stale)}); {reliable}" if stale else reliable)
+            if getattr(e, "under_evaluation", False):  # follow-ups its flags queued
+                row[-1] = f"under evaluation; {row[-1]}"
             _row(table, row)
         tables.append(table)
     return tables

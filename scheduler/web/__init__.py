@@ -17,11 +17,13 @@ from collections.abc import Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from gauntlet.cluster.artifacts import ArtifactStore
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.scheduler import service
 from gauntlet.scheduler.web import boards
 from gauntlet.scheduler.web.data import get_model, visible, visible_models
 from gauntlet.scheduler.web.html import CSS, error_page, page
+from gauntlet.scheduler.web.images import image_names
 from gauntlet.scheduler.web.model_page import job_body, model_body
 
 __all__ = ["install"]
@@ -121,3 +123,23 @@ def install(api: FastAPI, app, *, viewer: Callable[[Request], object] | None = N
             return error_page(404, f"there is no job {job_id}")
         running = detail["status"] in ("queued", "running")
         return page(f"Job {job_id}", job_body(detail), refresh=2 if running else None)
+
+    @api.get("/jobs/{job_id}/images/{name}.png", include_in_schema=False)
+    def job_image(request: Request, job_id: str, name: str):
+        if not job_id.isdigit() or len(job_id) > 18:
+            return error_page(400, f"a job id is a number, not {job_id!r}")
+        try:
+            detail = service.job_detail(app, int(job_id))
+        except GauntletError:
+            detail = None
+        row = detail and get_model(app.engine, detail["model_id"])
+        if not row or not visible(app.engine, row["id"], who(request)):
+            return error_page(404, f"there is no job {job_id}")
+        sha = image_names(detail.get("details")).get(name)
+        if sha is None:
+            return error_page(404, f"job {job_id} has no image {name!r}")
+        try:
+            data = ArtifactStore(app.settings.artifacts).get(sha).read_bytes()
+        except GauntletError as exc:
+            return error_page(404, str(exc))
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})

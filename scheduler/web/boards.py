@@ -58,17 +58,25 @@ def _entry_cells(e, models: dict) -> list[str]:
     name = link(html.model_href(e.model_id), e.model)
     if e.defense:
         name += f" + {esc(e.defense)}"
+    rejects = getattr(e, "rejecting", False)  # may refuse to answer: see the README
+    if rejects:
+        name += ' <span class="flag">rejecting defense</span>'
     if e.unreliable:
         reliable = '<span class="flag">potentially unreliable: ' + esc("; ".join(e.unreliable))
         reliable += "</span>"
     else:
         reliable = '<span class="ok">yes</span>'
+    if getattr(e, "stale", None):  # older code's results, until nightly re-runs them
+        reliable = f'<span class="flag">stale: {esc("; ".join(e.stale))}</span> ' + reliable
+    if getattr(e, "under_evaluation", False):  # follow-ups its flags queued still run
+        reliable = '<span class="flag">under evaluation</span> ' + reliable
     return [
         str(e.rank),
         name,
         f"{pct(e.clean_accuracy)} <span class=muted>({_clean_interval(e)})</span>",
         f"{pct(e.robust_accuracy)} <span class=muted>"
-        f"({html.interval(e.robust_low, e.robust_high)})</span>",
+        f"({html.interval(e.robust_low, e.robust_high)})</span>"
+        + (f" <span class=muted>rejects {pct(e.rejected_clean)} clean</span>" if rejects else ""),
         str(e.n),
         esc(e.strongest_attack or html.DASH),
         reliable,

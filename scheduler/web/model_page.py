@@ -19,6 +19,7 @@ from gauntlet.scheduler.web.html import (
     pct,
     table,
 )
+from gauntlet.scheduler.web.images import explanations_html
 
 
 def _safe_url(url) -> str | None:
@@ -282,6 +283,7 @@ def job_body(detail: dict) -> str:
             "<h2>Metrics</h2>"
             + table(["Metric", "Value", "95% CI", "n"], rows, numeric=(1, 2, 3), id="job-metrics")
         )
+    parts.append(explanations_html(detail["id"], detail.get("details")))
     spec = json.dumps(detail.get("spec"), indent=2, sort_keys=True, default=str)
     parts.append(f"<h2>Spec</h2><pre id=job-spec>{esc(spec)}</pre>")
     if detail.get("details"):

@@ -6,7 +6,8 @@ far. It has no step size to get wrong, which is what makes it fit for a benchmar
 
 As in PGD, an example leaves the active batch at the forward pass that shows it
 misclassified, keeping that point; restarts and target classes run only on points that
-are still robust.
+are still robust. On a randomized surface (``stop_early = False``, EOT) every example
+runs the whole budget and keeps its highest-loss point, as AutoAttack's ``rand`` needs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from gauntlet.workers.attacks.base import Attack, RunOutput, norm_and_steps
 from gauntlet.workers.attacks.losses import cross_entropy, dlr, targeted_dlr
 from gauntlet.workers.attacks.norms import Norm, get_norm
 from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.stacking import Stack, chunk_size
 from gauntlet.workers.hyperparams import integer, real
 
 # Weight of the new gradient step against the previous step (alpha in the paper).
@@ -75,6 +77,7 @@ class _Active:
     best_at_check: torch.Tensor  # best_loss at the previous checkpoint
     halved_at_check: torch.Tensor  # bool: the step size halved at the previous checkpoint
     increases: torch.Tensor  # steps since the previous checkpoint that raised the loss
+    group: torch.Tensor | None  # stacked targets: the point each row attacks
 
     def select(self, keep: torch.Tensor) -> _Active:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -106,12 +109,18 @@ def apgd_restart(
     active_per_step: list[int],
     target: torch.Tensor | None = None,
     on_step: StepHook | None = None,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One APGD run from a random start on ``x[idx]``; returns the ``idx`` still robust.
 
     Fooled examples get their adversarial point in ``x_adv`` and True in ``fooled``;
-    robust ones get their highest-loss point.
+    robust ones get their highest-loss point. On a model with ``stop_early = False`` (an
+    EOT surface) no example leaves early: every one runs all steps, and the judgement
+    is one forward pass on its highest-loss point. With ``group`` (rows of one point
+    against several targets, see ``stacked_targets``) a row that fools the model takes
+    every row of its point out of the batch: the point is done.
     """
+    stop_early = getattr(model, "stop_early", True)
     x0 = x[idx]
     ball = norm.constraint(x0, eps)
     xa = norm.project_clip(norm.random_start(x0, eps, generator), ball, eps)
@@ -123,16 +132,20 @@ def apgd_restart(
         idx=idx, y=y[idx], target=t0, ball=ball, x=xa, x_prev=xa, grad=grad,
         eta=torch.full_like(loss, 2 * eps), loss=loss, best_loss=loss, best_x=xa,
         best_grad=grad, best_at_check=loss, halved_at_check=no, increases=no.long(),
+        group=None if group is None else group[idx],
     )  # fmt: skip
     marks, last_mark = set(checkpoints(steps)), 0
     for i in range(steps + 1):
         # The forward pass that computed this loss shows who is fooled already: they
         # leave with that point and are never computed again.
         wrong = logits.argmax(dim=1) != s.y
-        if wrong.any():
+        # On a random surface a misclassifying pass may be a lucky draw (see PGD.run):
+        # such examples stay and keep raising their loss.
+        if stop_early and wrong.any():
             x_adv[s.idx[wrong]] = s.x[wrong]
             fooled[s.idx[wrong]] = True
-            s = s.select(~wrong)
+            leave = wrong if s.group is None else torch.isin(s.group, s.group[wrong])
+            s = s.select(~leave)
         if i == steps or not len(s.idx):
             break
         step = norm.normalise(s.grad) * _bc(s.eta, s.x)
@@ -169,7 +182,12 @@ def apgd_restart(
         if on_step is not None:
             on_step(i + 1, s.idx, s.eta)
     x_adv[s.idx] = s.best_x
-    return s.idx
+    if stop_early or not len(s.idx):
+        return s.idx
+    with torch.no_grad():
+        wrong = model(s.best_x).argmax(dim=1) != s.y
+    fooled[s.idx[wrong]] = True
+    return s.idx[~wrong]
 
 
 _LOSSES: dict[str, Loss] = {
@@ -185,8 +203,11 @@ class _APGDBase(Attack):
     # ``rho``: the fraction of a window's steps that must raise the loss to keep the step.
     hyperparams = norm_and_steps(100, restarts=integer(1, 1, 100), rho=real(0.75, 0.0, 1.0))
 
-    def _restarts(self, model, loss_fn, x, y, idx, threat, generator, out, target=None):
-        """Restarts on the points of ``idx`` still robust; returns those that stay so."""
+    def _restarts(self, model, loss_fn, x, y, idx, threat, generator, out, target=None, st=None):
+        """Restarts on the points of ``idx`` still robust; returns those that stay so.
+
+        With a ``Stack`` ``st``, ``x``, ``y``, ``target`` and ``out`` are its rows.
+        """
         assert threat is not None  # the base checked it
         x_adv, fooled, active_per_step = out
         for _ in range(self.restarts):
@@ -196,7 +217,10 @@ class _APGDBase(Attack):
                 model, loss_fn, x, y, idx, get_norm(threat.norm), threat.eps,
                 steps=self.steps, rho=self.rho, generator=generator, x_adv=x_adv,
                 fooled=fooled, active_per_step=active_per_step, target=target,
+                group=None if st is None else st.group,
             )  # fmt: skip
+            if st is not None:
+                idx = st.robust_rows(idx, fooled)
         return idx
 
 
@@ -231,12 +255,17 @@ class APGDDLR(_UntargetedAPGD):
 class APGDT(_APGDBase):
     """Targeted APGD on the targeted DLR loss, against each of the ``n_target_classes``
     most likely wrong classes in turn (on points still robust). With fewer classes than
-    that, every wrong class is a target.
+    that, every wrong class is a target. ``stack_rows`` > 0 runs several targets in one
+    batch of at most that many rows (see ``stacking``); 0 runs one target at a time.
     """
 
     name = "apgd-t"
 
-    hyperparams = {**_APGDBase.hyperparams, "n_target_classes": integer(9, 1, 1000)}
+    hyperparams = {
+        **_APGDBase.hyperparams,
+        "n_target_classes": integer(9, 1, 1000),
+        "stack_rows": integer(0, 0, 1_000_000),
+    }
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         out = (x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device), [])
@@ -245,9 +274,23 @@ class APGDT(_APGDBase):
         if ranked.shape[1] < 4:
             raise GauntletError(f"{self.name} needs at least 4 classes, but got {ranked.shape[1]}")
         idx = torch.arange(len(x), device=x.device)
+        loss_fn = _LOSSES["targeted-dlr"]
         # Rank 0 is the true class (run() only sees correctly classified points).
-        for rank in range(1, min(self.n_target_classes, ranked.shape[1] - 1) + 1):
-            target = ranked[:, rank]
-            loss_fn = _LOSSES["targeted-dlr"]
-            idx = self._restarts(model, loss_fn, x, y, idx, threat, generator, out, target)
+        ranks = list(range(1, min(self.n_target_classes, ranked.shape[1] - 1) + 1))
+        while ranks and len(idx):
+            k = chunk_size(len(idx), len(ranks), self.stack_rows)
+            chunk, ranks = ranks[:k], ranks[k:]
+            if k == 1:
+                target = ranked[:, chunk[0]]
+                idx = self._restarts(model, loss_fn, x, y, idx, threat, generator, out, target)
+                continue
+            st = Stack.build(idx, ranked, chunk)
+            xs, ys = x[st.rows], y[st.rows]
+            rows_out = (xs.clone(), torch.zeros(len(xs), dtype=torch.bool, device=x.device))
+            rows = torch.arange(len(xs), device=x.device)
+            self._restarts(
+                model, loss_fn, xs, ys, rows, threat, generator, (*rows_out, out[2]),
+                st.target, st,
+            )  # fmt: skip
+            idx = st.resolve(*rows_out, out[0], out[1])
         return RunOutput(*out)

@@ -109,6 +109,10 @@ class Attack:
     # Attacks outside any Lp ball (an adversarial patch): the result is only kept in
     # [0, 1]. Such attacks take no threat and do not count towards Lp leaderboards.
     unbounded: ClassVar[bool] = False
+    # The code's version: bump it when a change alters the attack's numbers. Job keys
+    # include it, so older results turn stale and ``gauntlet nightly`` re-runs them.
+    # Read from the class: autoattack's hyperparameter ``version`` shadows it on instances.
+    version: ClassVar[int] = 1
 
     @reads_hyperparams
     def __init__(self, **params: Any) -> None:
@@ -132,6 +136,14 @@ class Attack:
     def config(self) -> dict[str, Any]:
         """The hyperparameters, in declaration order: the source of ``repr``."""
         return table_config(self)
+
+    def versions(self) -> dict[str, int]:
+        """Name -> version of this attack and of every attack it runs: a composite keeps
+        its member attacks in ``members`` (autoattack), and their code decides its numbers."""
+        found = {self.name: type(self).version}
+        for member in getattr(self, "members", ()):
+            found.update(member.versions())
+        return found
 
     def check(self, threat: Threat | None) -> None:
         """Attack-specific threat checks; GauntletError if unfit.

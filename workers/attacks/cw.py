@@ -79,7 +79,14 @@ class CarliniWagnerL2(Attack):
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it
         targets = pick_targets(model, x, y, self.target, generator) if self.targeted else None
-        best, _, counts = self._search(model, x, y, targets, within=threat.eps)
+        # On a random surface (EOT) a success at the smallest L2 sits on the boundary,
+        # where the next draw classifies it right: there the search spends its whole
+        # budget and keeps, per example, the success inside the ball with the largest
+        # margin (``keep_margin``).
+        keep_margin = not getattr(model, "stop_early", True)
+        best, _, counts = self._search(
+            model, x, y, targets, within=threat.eps, keep_margin=keep_margin
+        )
         # Found outside the ball: scaled back onto it, where the model has the last word.
         x_out = get_norm("l2").project(best, x, threat.eps).clamp_(0.0, 1.0)
         with torch.no_grad():
@@ -93,8 +100,13 @@ class CarliniWagnerL2(Attack):
         y: torch.Tensor,
         targets: torch.Tensor | None,
         within: float | None,
+        keep_margin: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(best_adv, found, active_per_step); ``within``: stop at an L2 of at most this."""
+        """(best_adv, found, active_per_step); ``within``: stop at an L2 of at most this.
+
+        ``keep_margin`` (with ``within``): never stop early; best_adv is the success
+        within the ball with the largest margin, else the smallest-L2 success.
+        """
         n = len(x)
         x = x.detach()
         labels = targets if targets is not None else y
@@ -106,17 +118,24 @@ class CarliniWagnerL2(Attack):
         best_adv = x.clone()
         counts: list[int] = []
         goal = within**2 if within is not None else -1.0  # squared: compared with l2sq
+        # Margin of the best success inside the ball, per example (keep_margin only).
+        inside = torch.full_like(const, -torch.inf) if keep_margin else None
+        inside_adv = x.clone()
         for _ in range(self.binary_steps):
-            todo = (best_l2 > goal).nonzero().squeeze(1)
+            todo = (best_l2 > (-1.0 if keep_margin else goal)).nonzero().squeeze(1)
             if not len(todo):
                 break
-            hit, spent = self._optimise(model, x, labels, w0, const, todo, best_l2, best_adv, goal)
+            hit, spent = self._optimise(
+                model, x, labels, w0, const, todo, best_l2, best_adv, goal, (inside, inside_adv)
+            )
             counts.extend(spent)
             # The reference code's update: bisect once an upper bound exists, else x10.
             upper[todo[hit]] = torch.minimum(upper[todo[hit]], const[todo[hit]])
             lower[todo[~hit]] = torch.maximum(lower[todo[~hit]], const[todo[~hit]])
             bounded = upper[todo] < _NO_BOUND
             const[todo] = torch.where(bounded, (lower[todo] + upper[todo]) / 2, const[todo] * 10.0)
+        if inside is not None:
+            best_adv = torch.where(torch.isfinite(inside).view(-1, 1, 1, 1), inside_adv, best_adv)
         return best_adv, torch.isfinite(best_l2), counts
 
     def _optimise(
@@ -130,11 +149,15 @@ class CarliniWagnerL2(Attack):
         best_l2: torch.Tensor,
         best_adv: torch.Tensor,
         goal: float,
+        margins: tuple[torch.Tensor | None, torch.Tensor],
     ) -> tuple[torch.Tensor, list[int]]:
         """One Adam run at fixed c for the ``todo`` examples; updates the bests in place.
 
+        ``margins``: (best margin inside the ball, its point), updated in place, or
+        (None, _) to stop examples once they succeed inside the ball.
         Returns (success anywhere in the run, per example of todo; active per step).
         """
+        inside, inside_adv = margins
         success = torch.zeros(len(todo), dtype=torch.bool, device=x.device)
         counts: list[int] = []
         pos = torch.arange(len(todo), device=x.device)  # positions in todo still running
@@ -165,13 +188,18 @@ class CarliniWagnerL2(Attack):
                 better = ok & (l2sq < best_l2[j])
                 best_l2[j[better]] = l2sq[better]
                 best_adv[j[better]] = xn[better]
+                if inside is not None:
+                    gain = ok & (l2sq <= goal) & (margin > inside[j])
+                    inside[j[gain]] = margin[gain]
+                    inside_adv[j[gain]] = xn[gain]
                 t = step + 1
                 m.mul_(_BETA1).add_(grad, alpha=1 - _BETA1)
                 v.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
                 m_hat, v_hat = m / (1 - _BETA1**t), v / (1 - _BETA2**t)
                 mod = mod.detach() - self.lr * m_hat / (v_hat.sqrt() + _ADAM_EPS)
-                stay = best_l2[j] > goal
-                if self.abort_early and step % every == 0:
+                # keep_margin: a random surface's loss is noisy, so no early stop at all.
+                stay = best_l2[j] > (-1.0 if inside is not None else goal)
+                if self.abort_early and inside is None and step % every == 0:
                     current = loss.detach()
                     stay &= ~(current > prev * 0.9999)
                     prev = current

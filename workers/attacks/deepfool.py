@@ -53,12 +53,21 @@ class DeepFool(Attack):
 
         ``norm`` defaults to the attack's own, else L2. The model should be in eval mode.
         """
-        x_adv, found, _ = self._search(model, x, y, norm or self.norm or "l2")
+        x_adv, _, _ = self._search(model, x, y, norm or self.norm or "l2")
+        # One pass over the returned points decides, as for ``run``: the search judged
+        # each point on the sub-batch still active, and a point left just past the
+        # boundary can fall back across it when the whole batch is evaluated together.
+        with torch.no_grad():
+            found = model(x_adv).argmax(dim=1) != y
         return x_adv, found
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         assert threat is not None  # the base checked it
-        x_min, _, counts = self._search(model, x, y, threat.norm)
+        # On a random surface (EOT) the first pass past the boundary may be a lucky draw,
+        # and a point just past it is a coin flip: there the search keeps stepping, inside
+        # the ball, for all its steps (``within``), pushing further across.
+        within = None if getattr(model, "stop_early", True) else threat.eps
+        x_min, _, counts = self._search(model, x, y, threat.norm, within)
         # A perturbation found outside the ball is scaled back onto it; that often lands
         # short of the boundary, so the model decides, not the search.
         x_out = get_norm(threat.norm).project(x_min, x, threat.eps).clamp_(0.0, 1.0)
@@ -67,8 +76,15 @@ class DeepFool(Attack):
         return RunOutput(x_out, fooled, counts)
 
     def _search(
-        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        norm: str,
+        within: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(x_adv, found, active_per_step). ``within`` given: no example leaves early, the
+        total perturbation stays in the ``within`` ball, and the last pass judges."""
         x_adv = x.detach().clone()
         found = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         counts: list[int] = []
@@ -90,7 +106,10 @@ class DeepFool(Attack):
             xa = xa.detach().requires_grad_(True)
             logits = model(xa)
             done = logits.detach().argmax(dim=1) != y0
-            if done.any():
+            if within is not None:
+                x_adv[idx], found[idx] = xa.detach(), done
+                done = torch.zeros_like(done)
+            elif done.any():
                 out = done.nonzero().squeeze(1)
                 x_adv[idx[out]] = xa.detach()[out]
                 found[idx[out]] = True
@@ -102,6 +121,8 @@ class DeepFool(Attack):
             r = self._step(f, xa, keep, norm, len(idx), counts)
             idx, x0, y0, others = idx[keep], x0[keep], y0[keep], others[keep]
             r_tot = r_tot[keep] + r
+            if within is not None:
+                r_tot = get_norm(norm).project(x0 + r_tot, x0, within) - x0
             xa = (x0 + (1.0 + self.overshoot) * r_tot).clamp_(0.0, 1.0)
         return x_adv, found, counts
 

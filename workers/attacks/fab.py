@@ -8,7 +8,8 @@ Unlike the loss-based attacks it needs no step size, and it is not fooled by a l
 whose gradient vanishes, which makes it a useful member of the AutoAttack ensemble.
 
 For a robustness evaluation a point only counts as fooled within eps: an example leaves
-the active batch once it has an adversarial point inside the ball.
+the active batch once it has an adversarial point inside the ball (on a randomized
+surface, ``stop_early = False``, it runs every step and keeps its best such point).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from gauntlet.workers.attacks.base import Attack, RunOutput, norm_and_steps
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
+from gauntlet.workers.attacks.stacking import Stack, chunk_size
 from gauntlet.workers.hyperparams import integer, real, span
 
 _TINY = 1e-12
@@ -78,6 +80,8 @@ class FABT(Attack):
     bias towards the clean input, ``eta`` overshoots the linearised boundary, ``beta``
     is the step back towards the clean input after a success. Restarts after the first
     start at random in half the ball (the first starts at the clean input).
+    ``stack_rows`` > 0 runs several targets in one batch of at most that many rows (see
+    ``stacking``); 0 runs one target at a time.
     """
 
     name = "fab-t"
@@ -90,6 +94,7 @@ class FABT(Attack):
         alpha_max=real(0.1, 0.0, 1.0),
         eta=span(1.05, 1.0, 10.0),
         beta=real(0.9, 0.0, 1.0),
+        stack_rows=integer(0, 0, 1_000_000),
     )
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
@@ -101,14 +106,33 @@ class FABT(Attack):
             ranked = model(x).argsort(dim=1, descending=True)
         idx = torch.arange(len(x), device=x.device)  # points still robust
         # Rank 0 is the true class (run() only sees correctly classified points).
-        for rank in range(1, min(self.n_target_classes, ranked.shape[1] - 1) + 1):
+        ranks = list(range(1, min(self.n_target_classes, ranked.shape[1] - 1) + 1))
+        while ranks and len(idx):
+            k = chunk_size(len(idx), len(ranks), self.stack_rows)
+            chunk, ranks = ranks[:k], ranks[k:]
+            if k == 1:
+                for restart in range(self.restarts):
+                    if not len(idx):
+                        break
+                    idx = self._attack(
+                        model, x, y, ranked[:, chunk[0]], idx, threat, restart > 0,
+                        generator, x_adv, fooled, active_per_step,
+                    )  # fmt: skip
+                continue
+            st = Stack.build(idx, ranked, chunk)
+            xs, ys = x[st.rows], y[st.rows]
+            rows_adv = xs.clone()
+            rows_fooled = torch.zeros(len(xs), dtype=torch.bool, device=x.device)
+            rows = torch.arange(len(xs), device=x.device)
             for restart in range(self.restarts):
-                if not len(idx):
+                if not len(rows):
                     break
-                idx = self._attack(
-                    model, x, y, ranked[:, rank], idx, threat, restart > 0, generator,
-                    x_adv, fooled, active_per_step,
+                rows = self._attack(
+                    model, xs, ys, st.target, rows, threat, restart > 0, generator,
+                    rows_adv, rows_fooled, active_per_step, st.group,
                 )  # fmt: skip
+                rows = st.robust_rows(rows, rows_fooled)
+            idx = st.resolve(rows_adv, rows_fooled, x_adv, fooled)
         if fooled.any():
             # FAB lands just past the boundary, where logits can tie to the last bit and a
             # different batch may round the other way. Re-check every success once, on the
@@ -119,15 +143,37 @@ class FABT(Attack):
         return RunOutput(x_adv, fooled, active_per_step)
 
     def _attack(
-        self, model, x, y, target, idx, threat, random_start, generator, x_adv, fooled, active
+        self,
+        model,
+        x,
+        y,
+        target,
+        idx,
+        threat,
+        random_start,
+        generator,
+        x_adv,
+        fooled,
+        active,
+        group=None,
     ) -> torch.Tensor:
-        """One FAB run towards ``target`` on ``x[idx]``; returns the ``idx`` still robust."""
+        """One FAB run towards ``target`` on ``x[idx]``; returns the ``idx`` still robust.
+
+        With ``group`` (stacked rows, see ``stacking``) a row that succeeds takes every
+        row of its point out.
+        """
         norm, eps = get_norm(threat.norm), threat.eps
         x0, y0, t0 = x[idx], y[idx], target[idx]
+        g0 = torch.zeros_like(idx) if group is None else group[idx]
         xa = x0.clone()
         if random_start:
             xa = norm.random_start(x0, eps / 2, generator).clamp_(0.0, 1.0)
         rows = torch.arange(len(idx), device=x.device)
+        # On a random surface (EOT) the first success inside the ball may be a lucky
+        # draw, and FAB's points sit just past the boundary: there every example runs all
+        # steps and keeps its inside-the-ball success with the largest margin.
+        stop_early = getattr(model, "stop_early", True)
+        best_margin = torch.full((len(idx),), -torch.inf, device=x.device)
         for _ in range(self.steps):
             xa = xa.detach().requires_grad_(True)
             logits = model(xa)
@@ -153,19 +199,28 @@ class FABT(Attack):
             )
             xa = xa.clamp(0.0, 1.0).view_as(x0)
             with torch.no_grad():
-                wrong = model(xa).argmax(dim=1) != y0
+                check = model(xa)
+            wrong = check.argmax(dim=1) != y0
             dist = norm.distance(xa, x0)
             # Inside the ball: done. The check runs on exactly the point we return.
             done = wrong & (dist <= eps)
-            if done.any():
+            if not stop_early:
+                others = check.scatter(1, y0[:, None], -torch.inf).amax(dim=1)
+                gain = done & (others - check[rows, y0] > best_margin)
+                best_margin = torch.where(gain, others - check[rows, y0], best_margin)
+                x_adv[idx[gain]] = xa[gain]
+                fooled[idx[gain]] = True
+            elif done.any():
                 x_adv[idx[done]] = xa[done]
                 fooled[idx[done]] = True
-                keep = ~done
-                idx, x0, y0, t0, xa, wrong = (v[keep] for v in (idx, x0, y0, t0, xa, wrong))
+                keep = ~done if group is None else ~torch.isin(g0, g0[done])
+                idx, x0, y0, t0, xa, wrong, g0 = (v[keep] for v in (idx, x0, y0, t0, xa, wrong, g0))
                 rows = torch.arange(len(idx), device=x.device)
                 if not len(idx):
                     break
             # Adversarial but too far: step back towards the clean input and go again.
             back = x0 + self.beta * (xa - x0)
             xa = torch.where(wrong.view(-1, *([1] * (x0.dim() - 1))), back, xa)
+        if not stop_early:
+            return idx[~fooled[idx]]
         return idx

@@ -44,6 +44,12 @@ class EOT(torch.nn.Module):
 
 def attack_surface(model: torch.nn.Module, *, adaptive: bool, eot_samples: int = 10):
     """(module to attack, what was done) for ``model``, defended or not."""
+    oblivious = getattr(model, "oblivious_surface", None)
+    if not adaptive and isinstance(model, Defense) and oblivious is not None:
+        # A defense whose own threat model is an attacker unaware of it (PRN: perturbations
+        # crafted on the bare classifier) names that surface; the rest are attacked as
+        # deployed, masked gradients and all.
+        return oblivious(), ["bare-model"]
     if not adaptive or not isinstance(model, Defense):
         return model, []
     used = []

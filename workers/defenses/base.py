@@ -40,6 +40,9 @@ class Defense(torch.nn.Module):
     # May refuse to answer (DkNN's low credibility): ``decide`` says which inputs it
     # accepts, and a rejected adversarial input counts as a defended one.
     rejects: ClassVar[bool] = False
+    # The code's version: bump it when a change alters the defended model's numbers; job
+    # keys include it, so older results turn stale and ``gauntlet nightly`` re-runs them.
+    version: ClassVar[int] = 1
 
     hyperparams: ClassVar[Mapping[str, Hyper]] = {}
 

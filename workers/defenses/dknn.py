@@ -6,10 +6,12 @@ clean data the true label's p-value is uniform on the calibration grid, so a thr
 of 0.1 rejects at most about 10% of correctly classified clean inputs; adversarial
 inputs, whose layers disagree, fall below it far more often.
 
-Gradients flow through the underlying network (``forward`` is the model itself): the
-attacks are the white-box attacks on the DkNN's DNN that the paper evaluates, judged on
-the DkNN's decision. The index and calibration scores are fitted on the training split
-and kept as the defense's artifact.
+``forward`` is the underlying network: a non-adaptive attack is the white-box attack on
+the DkNN's DNN that the paper evaluates, judged on the DkNN's decision. An adaptive
+evaluation adds the feature-space attack of Sitawarin & Wagner 2019
+(``workers.attacks.dknn_adaptive``), which aims for an accepted wrong answer. The index
+and calibration scores are fitted on the training split and kept as the defense's
+artifact.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class DkNN(Defense):
     needs_fit = True
     fit_uses_model = True
     rejects = True
+    # 2: layers by module path (residual stages), feature maps pooled to 4x4.
+    version = 2
 
     hyperparams = {
         "k": integer(DEFAULT_K, 1, 10_000),

@@ -7,11 +7,18 @@ turns nonconformity into p-values: ``p_j(x)`` is the fraction of calibration poi
 (true-label) nonconformity is at least ``alpha(x, j)``. Credibility (the largest p-value)
 is low when the layers disagree with each other, which is what adversarial inputs tend to
 cause even when the final prediction is confidently wrong.
+
+Layers are chosen by module path, never by hooking a module object the network calls
+more than once (torchvision's BasicBlock applies one ``relu`` twice): the output of each
+residual stage and the penultimate representation. Feature maps larger than 4x4 are
+average-pooled to 4x4, so the index of a CIFAR-sized WRN fits in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -23,6 +30,12 @@ DEFAULT_CALIBRATION = 750
 # Queries per torch.cdist call: bounds memory at chunk * n_train floats per layer.
 _CHUNK = 512
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+# Residual stages by their conventional names: torchvision and timm ResNets (layer1..4),
+# our PreAct-ResNet (layer1..4) and WideResNet (block1..3).
+_STAGE = re.compile(r"^(layer|block|stage)\d+$")
+# Spatial side a feature map is pooled down to: 16 positions keep some layout while a
+# 640-channel WRN stage stays at 10,240 values per indexed point.
+_GRID = 4
 
 Layer = str | nn.Module
 
@@ -34,17 +47,21 @@ def _bare(model: nn.Module) -> nn.Module:
 
 
 def default_layers(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    """(module, read_input) pairs: post-activation feature maps, then the penultimate layer.
+    """(module, read_input) pairs: the residual stages' outputs, then the penultimate layer.
 
-    ``nn.ReLU`` modules are used when the network has them; networks that call
-    ``torch.relu`` functionally (like ``small-cnn``) have none, so the pooling layers that
-    directly follow each activation stand in for them. The input of the last ``nn.Linear``
-    is the flattened penultimate representation.
+    A network with children named ``layer<i>``/``block<i>``/``stage<i>`` (ResNets, WRN,
+    PreAct-ResNet) gives each of them. Otherwise the post-activation feature maps:
+    ``nn.ReLU`` modules when the network has them; networks that call ``torch.relu``
+    functionally (like ``small-cnn``) have none, so the pooling layers that directly
+    follow each activation stand in for them. The input of the last ``nn.Linear`` is the
+    flattened penultimate representation.
     """
     net = _bare(model)
     modules = list(net.modules())
-    relus = [m for m in modules if isinstance(m, nn.ReLU)]
-    chosen: list[tuple[nn.Module, bool]] = [(m, False) for m in relus]
+    stages = [m for name, m in net.named_children() if _STAGE.match(name)]
+    chosen: list[tuple[nn.Module, bool]] = [(m, False) for m in stages]
+    if not chosen:
+        chosen = [(m, False) for m in modules if isinstance(m, nn.ReLU)]
     if not chosen:
         chosen = [(m, False) for m in modules if isinstance(m, _POOLS)]
     linears = [m for m in modules if isinstance(m, nn.Linear)]
@@ -56,6 +73,13 @@ def default_layers(model: nn.Module) -> list[tuple[nn.Module, bool]]:
             "pass `layers` explicitly"
         )
     return chosen
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """One layer's (n, d) features: feature maps above _GRID x _GRID are pooled first."""
+    if t.dim() == 4 and max(t.shape[-2:]) > _GRID:
+        t = nn.functional.adaptive_avg_pool2d(t, (min(t.shape[-2], _GRID), min(t.shape[-1], _GRID)))
+    return t.flatten(1)
 
 
 class DeepKNN:
@@ -164,9 +188,9 @@ class DeepKNN:
                 raise GauntletError(f"Unknown layer {layer!r}; known layers: {known}")
         return resolved
 
-    @torch.no_grad()
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per layer, the flattened (n, d) features of ``x`` (on the CPU, float32)."""
+    @contextmanager
+    def _capture(self) -> Iterator[list[list[torch.Tensor]]]:
+        """Hooks that append each chosen layer's flat features, per forward pass."""
         captured: list[list[torch.Tensor]] = [[] for _ in self.layers]
         handles = []
         for i, (module, read_input) in enumerate(self.layers):
@@ -174,28 +198,53 @@ class DeepKNN:
             if read_input:
 
                 def pre_hook(_m, args, i=i):
-                    captured[i].append(args[0].flatten(1).float().cpu())
+                    captured[i].append(_flat(args[0]))
 
                 handles.append(module.register_forward_pre_hook(pre_hook))
             else:
 
                 def hook(_m, _args, out, i=i):
-                    captured[i].append(out.flatten(1).float().cpu())
+                    captured[i].append(_flat(out))
 
                 handles.append(module.register_forward_hook(hook))
         was_training = self.model.training
         self.model.eval()
-        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         try:
-            for start in range(0, len(x), self.batch_size):
-                self.model(x[start : start + self.batch_size].to(device))
+            yield captured
         finally:
             for handle in handles:
                 handle.remove()
             self.model.train(was_training)
-        if any(len(c) != len(range(0, len(x), self.batch_size)) for c in captured):
-            raise GauntletError("A DkNN layer ran more or less than once per forward pass")
-        return [torch.cat(c) for c in captured]
+
+    @staticmethod
+    def _once(captured: list[list[torch.Tensor]], passes: int) -> None:
+        if any(len(c) != passes for c in captured):
+            raise GauntletError(
+                "A DkNN layer ran more or less than once per forward pass (a module the "
+                "network reuses); pass `layers` naming modules that run once"
+            )
+
+    def differentiable_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the (n, d) features of ``x`` on its device, with their graph: what a
+        feature-space attack differentiates."""
+        with self._capture() as captured:
+            self.model(x)
+        self._once(captured, 1)
+        return [c[0] for c in captured]
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the flattened (n, d) features of ``x`` (on the CPU, float32)."""
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        passes = 0
+        with self._capture() as captured:
+            for start in range(0, len(x), self.batch_size):
+                self.model(x[start : start + self.batch_size].to(device))
+                passes += 1
+                self._once(captured, passes)
+                for c in captured:
+                    c[-1] = c[-1].float().cpu()
+        return [torch.cat(c) if c else torch.zeros(0, 0) for c in captured]
 
     def neighbour_counts(self, x: torch.Tensor) -> torch.Tensor:
         """(n, num_classes) int64: neighbours of each label, summed over layers."""

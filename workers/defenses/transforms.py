@@ -67,6 +67,8 @@ class RandomResizePad(Defense):
 
     name = "random-resize-pad"
     randomized = True
+    # 2: judged on `draws` fresh draws, attacked for the whole budget (workers/jobs/draws.py).
+    version = 2
 
     hyperparams = {"max_scale": real(1.15, 1.0, 4.0)}
 
@@ -95,6 +97,8 @@ class GaussianNoise(Defense):
 
     name = "gaussian-noise"
     randomized = True
+    # 2: judged on `draws` fresh draws, attacked for the whole budget (workers/jobs/draws.py).
+    version = 2
 
     hyperparams = {"sigma": real(0.1, 0.0, 1.0)}
 

@@ -62,15 +62,16 @@ class JobKind:
     # Seconds a job of this kind may run before it is cancelled and failed; an
     # evaluation's ``timeout_s`` overrides it, the global cap bounds both.
     time_limit_s: float = DEFAULT_TIME_LIMIT_S
+    # The runner's version: bump it when a change alters its results. It also stands
+    # for the kind's own procedures (training methods, backdoor defenses, aggregators).
+    version: int = 1
 
 
 JOB_KINDS: Registry[JobKind] = Registry("job kind")
 
 # The built-in kinds, imported on first lookup: each module registers itself.
-BUILT_IN = tuple(
-    f"gauntlet.workers.jobs.{name}"
-    for name in ("eval", "calibration", "corruption", "train", "backdoor", "pate", "explain")
-)
+_NAMES = ("eval", "calibration", "corruption", "train", "backdoor", "pate", "explain", "gate")
+BUILT_IN = tuple(f"gauntlet.workers.jobs.{name}" for name in _NAMES)
 
 
 def register_kind(kind: JobKind) -> JobKind:

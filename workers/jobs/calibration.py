@@ -22,6 +22,7 @@ from gauntlet.workers.calibration import metrics as calibration
 from gauntlet.workers.calibration.diagram import reliability_bins, reliability_diagram_png
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.datasets import load_split
+from gauntlet.workers.defenses.adaptive import attack_surface
 from gauntlet.workers.jobs import HOUR, JobKind, register_kind
 from gauntlet.workers.results import JobResult, Metric
 
@@ -90,13 +91,19 @@ def run(ctx: JobContext) -> JobResult:
     robust = logits.argmax(1) == y
     if spec.get("norm") is not None:
         # Confidence under attack: models are confidently wrong off the data distribution.
+        # The attack goes through the same adaptive surface (BPDA, EOT) as an eval job's:
+        # attacking a defense's forward pass alone would flatter its confidence.
+        surface, adaptations = attack_surface(
+            model, adaptive=spec.get("adaptive", True), eot_samples=spec.get("eot_samples", 10)
+        )
         attack = build_attack(spec["attack"], ctx.params)
         threat = Threat(spec["norm"], float(spec["eps"]))
         generator = torch.Generator(device=x.device).manual_seed(ctx.seed)
-        result = attack(model, x, y, threat, batch_size=batch_size, generator=generator)
+        result = attack(surface, x, y, threat, batch_size=batch_size, generator=generator)
         adv_logits = predict_in_batches(model, result.x_adv, batch_size)
         metrics += calibration.calibration_metrics(adv_logits.cpu(), y.cpu(), prefix="adv_")
         details["attack_config"] = repr(attack)
+        details["adaptations"] = adaptations
         robust = adv_logits.argmax(1) == y
     ctx.report(len(y), len(y))
     clean = logits.argmax(1) == y

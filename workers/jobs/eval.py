@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from gauntlet.workers import results
+from gauntlet.workers import gpu, results
 from gauntlet.workers.attacks import AttackResult, Threat, build_attack
 from gauntlet.workers.attacks import flags as reliability
+from gauntlet.workers.attacks.dknn_adaptive import against_rejection
 from gauntlet.workers.attacks.metrics import attack_metrics
 from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
 from gauntlet.workers.defenses import Defense
 from gauntlet.workers.defenses.adaptive import attack_surface
-from gauntlet.workers.jobs import HOUR, JobKind, register_kind
+from gauntlet.workers.jobs import HOUR, JobKind, draws, register_kind
 from gauntlet.workers.results import JobResult, Metric
 
 # Points used for the reliability checks: enough to see masking, cheap to run.
@@ -51,11 +52,8 @@ def _judge(defended, x, x_adv, y, batch_size: int):
     defended one (the attack did not get a wrong label through). ``rejected`` is (n, 2):
     the clean input, the adversarial one.
     """
-    pred, accepted = decide(defended, x, batch_size)
-    pred_adv, accepted_adv = decide(defended, x_adv, batch_size)
-    clean = (pred == y) & accepted
-    rejected = torch.stack([~accepted, ~accepted_adv], dim=1)
-    return clean, clean & ((pred_adv == y) | ~accepted_adv), rejected
+    clean, robust, rejected, _, _ = draws.judge_draws(decide, defended, x, x_adv, y, batch_size, 1)
+    return clean, robust, rejected
 
 
 def rejection_metrics(rejected: torch.Tensor) -> list[Metric]:
@@ -68,14 +66,27 @@ def rejection_metrics(rejected: torch.Tensor) -> list[Metric]:
     return metrics
 
 
+def rejection_bits(rejected: torch.Tensor) -> dict[str, str]:
+    """Which clean and adversarial inputs were rejected, as hex of ``results.pack``: the
+    leaderboard credits a rejection only in an adaptive result, so it needs them per point."""
+    return {
+        name: results.pack(rejected[:, column]).hex()
+        for column, name in enumerate(("clean", "adversarial"))
+    }
+
+
 def run_chunks(
-    attack, surface, defended, x, y, threat, *, seed, batch_size, checkpoint, progress
-) -> tuple[AttackResult, torch.Tensor]:
-    """The attack's result, and which clean and adversarial inputs were rejected (n, 2)."""
-    """Attack in chunks of ``batch_size``, saving per-example state after each chunk."""
+    attack, surface, defended, x, y, threat, *, seed, batch_size, checkpoint, progress, k=1
+) -> tuple[AttackResult, torch.Tensor, torch.Tensor]:
+    """The attack's result, which clean and adversarial inputs were rejected (n, 2), and
+    per draw of the judge's ``k`` which points were clean-correct and robust (2, k, n).
+
+    Attacks in chunks of ``batch_size``, saving per-example state after each chunk.
+    """
     n = len(x)
     state = checkpoint.load() if checkpoint else None
-    stale = state is None or "rejected" not in state or state["x_adv"].shape != x.shape
+    stale = state is None or "draws" not in state or state["x_adv"].shape != x.shape
+    stale = stale or state["draws"].shape != (2, k, n)
     if stale or int(state["done"]) > n:
         state = {
             "done": torch.tensor(0),
@@ -83,6 +94,7 @@ def run_chunks(
             "clean": torch.zeros(n, dtype=torch.bool),
             "robust": torch.zeros(n, dtype=torch.bool),
             "rejected": torch.zeros(n, 2, dtype=torch.bool),
+            "draws": torch.zeros(2, k, n, dtype=torch.bool),
             "queries": torch.zeros(n, dtype=torch.int64),
             "grad_evals": torch.tensor(0),
         }
@@ -90,7 +102,7 @@ def run_chunks(
     for start in range(int(state["done"]), n, batch_size):
         sl = slice(start, start + batch_size)
         generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + start)
-        torch.manual_seed(seed * 1_000_003 + start)  # randomized defenses draw from here
+        gpu.seed_everything(seed * 1_000_003 + start)  # randomized defenses draw from here
         part = attack(surface, x[sl], y[sl], threat, batch_size=batch_size, generator=generator)
         clean, robust = part.clean_correct, part.robust
         if (
@@ -98,10 +110,15 @@ def run_chunks(
             or getattr(defended, "randomized", False)
             or getattr(defended, "rejects", False)
         ):
-            # Judge on the deployed model with fresh randomness: an attack on a random
-            # model stops at the first lucky draw, which says little about the next one.
-            clean, robust, rejected = _judge(defended, x[sl], part.x_adv, y[sl], batch_size)
+            # Judge on the deployed model with fresh randomness, k times (see draws.py):
+            # what one draw of a random model does says little about the next one.
+            clean, robust, rejected, per_clean, per_robust = draws.judge_draws(
+                decide, defended, x[sl], part.x_adv, y[sl], batch_size, k
+            )
             state["rejected"][sl] = rejected.cpu()
+            state["draws"][:, :, sl] = torch.stack([per_clean, per_robust]).cpu()
+        else:
+            state["draws"][:, :, sl] = torch.stack([clean, robust])[:, None].cpu()
         state["x_adv"][sl] = part.x_adv.detach().cpu()
         state["clean"][sl], state["robust"][sl] = clean.cpu(), robust.cpu()
         if part.queries is not None:
@@ -113,20 +130,25 @@ def run_chunks(
             checkpoint.save(state)
         if progress:
             progress(int(state["done"]), n)
-    return AttackResult(
-        x_adv=state["x_adv"].to(x.device),
-        clean_correct=state["clean"],
-        robust=state["robust"],
-        grad_evals=int(state["grad_evals"]),
-        queries=state["queries"] if black_box or attack.black_box else None,
-    ), state["rejected"]
+    return (
+        AttackResult(
+            x_adv=state["x_adv"].to(x.device),
+            clean_correct=state["clean"],
+            robust=state["robust"],
+            grad_evals=int(state["grad_evals"]),
+            queries=state["queries"] if black_box or attack.black_box else None,
+        ),
+        state["rejected"],
+        state["draws"],
+    )
 
 
 def _surface(ctx: JobContext):
     """What the attack takes its gradients from, and the adaptations that were made."""
     spec = ctx.spec
+    eot = draws.eot_samples(spec, ctx.defended)  # 20 for autoattack's "rand"
     surface, adaptations = attack_surface(
-        ctx.defended, adaptive=spec.get("adaptive", True), eot_samples=spec.get("eot_samples", 10)
+        ctx.defended, adaptive=spec.get("adaptive", True), eot_samples=eot
     )
     if spec.get("source_model"):
         (surface,) = ctx.other_models([spec["source_model"]], "transfer source model")
@@ -143,9 +165,17 @@ def run(ctx: JobContext) -> JobResult:
     surface, adaptations = _surface(ctx)
     x, y, _ = ctx.eval_data
     seed, batch_size = ctx.seed, ctx.batch_size
-    flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
+    # Gradient-masking checks concern attacks: clean accuracy has none to mislead.
+    flags = []
+    if spec.get("norm") is not None:
+        flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
 
-    attack = build_attack(spec["attack"], ctx.params)
+    params = draws.attack_params(spec, defended, ctx.params)  # autoattack: "rand" if random
+    attack = build_attack(spec["attack"], params)
+    # A rejecting defense is attacked for an accepted wrong answer (dknn_adaptive.py).
+    adaptive = spec.get("adaptive", True)
+    attack, adaptations = against_rejection(attack, defended, adaptations, adaptive=adaptive)
+    k = draws.draws_of(spec, defended)
     threat = None if spec.get("norm") is None else Threat(spec["norm"], float(spec["eps"]))
     if attack.needs_train_data:
         x_train, y_train = ctx.train_split()
@@ -164,9 +194,10 @@ def run(ctx: JobContext) -> JobResult:
             batch_size=batch_size,
             checkpoint=checkpoint,
             progress=progress,
+            k=k,
         )
 
-    result, rejected = attack_all(threat, ctx.checkpoint, ctx.progress)
+    result, rejected, per_draw = attack_all(threat, ctx.checkpoint, ctx.progress)
     ctx.adversarial = result.x_adv
     metrics = attack_metrics(x, result)
     details = {
@@ -179,13 +210,19 @@ def run(ctx: JobContext) -> JobResult:
         details["defense_config"] = repr(defended)
     if getattr(defended, "rejects", False):
         metrics.extend(rejection_metrics(rejected))
+        details["rejected"] = rejection_bits(rejected)
     if getattr(attack, "breakdown", None):
         details["breakdown"] = dict(attack.breakdown)  # points each ensemble member broke
+    if spec["attack"] == "autoattack":
+        details["autoattack_version"] = params.get("version", "standard")
+    if draws.is_randomized(defended):
+        mean_draw, details["draws"] = draws.draw_summary(*per_draw)
+        metrics.append(mean_draw)
     sweep = sorted(float(e) for e in spec.get("eps_sweep") or [])
     if sweep:
         curve = []
         for eps in sweep:
-            part, _ = attack_all(Threat(spec["norm"], eps), None, None)
+            part, _, _ = attack_all(Threat(spec["norm"], eps), None, None)
             metrics.append(
                 ctx.accuracy(f"robust_accuracy@{eps:g}", part.robust & part.clean_correct)
             )

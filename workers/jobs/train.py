@@ -9,7 +9,10 @@ Methods (``spec["attack"]`` of a ``train`` job names the method, ``params`` its 
   pre-trained models named in ``static_models``, chosen at random;
 - ``distillation``: defensive distillation (Papernot et al. 2016): the parent, at
   temperature T, labels the training set with soft labels; a fresh network of the same
-  architecture learns them at T and is deployed at T = 1.
+  architecture learns them at T and is deployed at T = 1;
+- ``prn``: no derived model: the Perturbation Rectifying Network defense (Akhtar et al.
+  2018) is fitted for the submitted model and stored where ``defense: prn`` evaluations
+  with the same settings find it (``workers.defenses.prn_training``).
 
 The derived weights go to the artifact store; the scheduler registers them as a new
 model whose parent is the submitted one, and evaluates it like any submission.
@@ -27,6 +30,7 @@ from gauntlet.cluster.errors import GauntletError
 from gauntlet.workers.attacks.pgd import PGD
 from gauntlet.workers.batches import predict_in_batches
 from gauntlet.workers.context import JobContext
+from gauntlet.workers.defenses.prn_training import check_prn, run_prn
 from gauntlet.workers.hyperparams import expect_float, expect_int
 from gauntlet.workers.jobs import HOUR, JobKind, check_procedure, register_kind
 from gauntlet.workers.models import InputSpec, save_classifier
@@ -40,7 +44,7 @@ from gauntlet.workers.training import (
     soft_labels,
 )
 
-METHODS = ("fgsm-at", "pgd-at", "ensemble-at", "distillation")
+METHODS = ("fgsm-at", "pgd-at", "ensemble-at", "distillation", "prn")
 _PARAMS = {
     "epochs",
     "eps",
@@ -55,6 +59,8 @@ _PARAMS = {
 
 def check_train(method: str, params: dict) -> dict:
     """Validated settings with defaults; GauntletError on anything unknown or out of range."""
+    if method == "prn":  # its settings are the prn defense's hyperparameters
+        return check_prn(params)
     check_procedure(
         method,
         METHODS,
@@ -96,6 +102,8 @@ def train_derived(
     ``counts``, when given, is filled with the number of batches whose examples were
     crafted on each source (the model, then each static model; ensemble-at only).
     """
+    if method == "prn":
+        raise GauntletError("prn fits a defense, not a derived network: run it as a train job")
     settings = check_train(method, params)
     torch.manual_seed(seed)
     # One generator, on the data's device, for shuffles, random starts and picks alike.
@@ -155,6 +163,8 @@ def train_derived(
 
 
 def run(ctx: JobContext) -> JobResult:
+    if ctx.spec["attack"] == "prn":
+        return run_prn(ctx)
     settings = check_train(ctx.spec["attack"], ctx.params)
     static = ctx.other_models(settings["static_models"], "static model")
     x, y = ctx.train_split()
