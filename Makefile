@@ -31,8 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/whitebox.py
 	$(BIN)/python bench/autoattack.py
 	$(BIN)/python bench/pate.py
+	$(BIN)/python bench/shards.py
 	$(BIN)/python bench/chaos.py
 	$(BIN)/python bench/web.py
+	$(BIN)/python bench/scheduler.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

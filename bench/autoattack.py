@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a plain script
 
-from gauntlet.workers.attacks import Threat, build_attack  # noqa: E402
+from gauntlet.workers.attacks import Threat, build_attack, layout  # noqa: E402
 from gauntlet.workers.datasets import eval_subset, load_split  # noqa: E402
 from gauntlet.workers.models import InputSpec, load_classifier, save_classifier  # noqa: E402
 from gauntlet.workers.training import train_classifier  # noqa: E402
@@ -45,7 +45,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--queries", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--plain-layout", action="store_true", help="no channels-last input (see layout.py)"
+    )
     args = parser.parse_args()
+    layout.ENABLED = not args.plain_layout
     torch.set_num_threads(args.threads)
     import torchattacks
 
@@ -89,7 +93,7 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, {args.threads} threads, digits n={args.n}, "
-        f"Linf eps={args.eps}, clean {clean:.4f}"
+        f"Linf eps={args.eps}, clean {clean:.4f}, channels-last input {layout.ENABLED}"
     )
     print(f"  {ours!r}; points broken {ours.breakdown}")
     print(f"  seconds per member: { ({k: round(v, 1) for k, v in ours.seconds.items()}) }")

@@ -52,6 +52,8 @@ class Run:
     def __init__(self, root: Path, name: str, weights: Path, jobs: int, env: dict[str, str]):
         self.home = root / name
         self.env = dict(os.environ, GAUNTLET_HOME=str(self.home), GAUNTLET_LEASE_SECONDS="1")
+        # The queue's faults alone: no gate job ahead of the suite, no follow-ups after it.
+        self.env.update(GAUNTLET_GATE="0", GAUNTLET_FOLLOWUPS="0")
         self.env.update(env)
         self.weights, self.jobs = weights, jobs
         self.suite = fgsm_suite(root, jobs)
@@ -59,13 +61,15 @@ class Run:
         self.entries_added = 0  # stream entries created, counted before any fault
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "gauntlet.scheduler.cli", *args],
             env=self.env,
             capture_output=True,
             text=True,
-            check=True,
         )
+        if done.returncode != 0:
+            raise SystemExit(f"gauntlet {args[0]} failed: {done.stderr.strip() or done.stdout}")
+        return done
 
     def submit_args(self) -> list[str]:
         model = ["--arch", "small-cnn", "--dataset", "digits"]

@@ -57,7 +57,30 @@ def make_app(home: Path, args) -> App:
         env["GAUNTLET_REDIS_PREFIX"] = f"bench-{os.getpid()}"
     if args.db_url:
         env["GAUNTLET_DB_URL"] = args.db_url
-    return App(Settings.from_env(env))
+    app = App(Settings.from_env(env))
+    if args.db_url:
+        from gauntlet.db.session import open_database
+
+        open_database(args.db_url, auto_upgrade=True).dispose()
+    return app
+
+
+def own_schema(url: str) -> tuple[str, str]:
+    """(URL, schema): a fresh PostgreSQL schema for this run, so no table is shared."""
+    schema = f"bench_{os.getpid()}"
+    admin = sa.create_engine(url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    admin.dispose()
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options=-csearch_path%3D{schema}", schema
+
+
+def drop_schema(url: str, schema: str) -> None:
+    admin = sa.create_engine(url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
 
 
 def stored_model(app: App, home: Path) -> str:
@@ -67,16 +90,8 @@ def stored_model(app: App, home: Path) -> str:
     save_classifier(net, weights)
     suite = home / "none.yaml"
     suite.write_text(NO_JOBS)
-    result = submit(
-        app.settings,
-        app.engine,
-        app.queue,
-        weights,
-        arch="small-cnn",
-        dataset="digits",
-        suite=str(suite),
-        name="bench",
-    )
+    model = {"arch": "small-cnn", "dataset": "digits", "suite": str(suite), "name": "bench"}
+    result = submit(app.settings, app.engine, app.queue, weights, **model)
     return result.model_id
 
 
@@ -119,8 +134,8 @@ def steady_rate(app: App, ids: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=2000)
-    parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--redis-url", default=None)
     parser.add_argument("--db-url", default=None)
     parser.add_argument("--cpus", type=int, default=2)
@@ -131,6 +146,9 @@ def main() -> None:
     from gauntlet.cluster.ray_conn import init_ray
 
     home = Path(tempfile.mkdtemp(prefix="gauntlet-bench-"))
+    server_url, schema = args.db_url, None
+    if server_url and server_url.startswith("postgresql"):
+        args.db_url, schema = own_schema(server_url)
     app = make_app(home, args)
     model_id = stored_model(app, home)
     init_ray(app.settings, num_cpus=args.cpus)
@@ -179,6 +197,13 @@ def main() -> None:
     overhead = 1e3 * (wall - jobs_s) / args.jobs
     print(f"queue and SQL work per job over raw Ray: {overhead:.2f} ms (target <= 2)")
     ray.shutdown()
+    if args.redis_url:  # the server is shared: leave none of this run's keys on it
+        client = app.queue.client
+        for key in client.scan_iter(f"{app.settings.redis_prefix}:*"):
+            client.delete(key)
+    app.engine.dispose()
+    if schema:
+        drop_schema(server_url, schema)
 
 
 if __name__ == "__main__":

@@ -140,37 +140,13 @@ def claim(
 ) -> Claim | None:
     """Take a queued job, or a running one whose lease expired; None if someone has it.
 
-    One conditional UPDATE is the compare-and-set: on PostgreSQL a concurrent claimant
-    blocks on the row lock and then re-checks the WHERE against the committed row; on
-    SQLite writers are serialized by the database lock.
+    One conditional UPDATE is the compare-and-set (``bulk.claim_many``, for one job): on
+    PostgreSQL a concurrent claimant blocks on the row lock and then re-checks the WHERE
+    against the committed row; on SQLite writers are serialized by the database lock.
     """
-    now = now or utcnow()
-    stmt = (
-        sa.update(Job)
-        .where(
-            Job.id == job_id,
-            sa.or_(
-                Job.status == JobStatus.queued,
-                sa.and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
-            ),
-        )
-        .values(
-            status=JobStatus.running,
-            attempts=Job.attempts + 1,
-            lease_owner=owner,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-        )
-    )
-    with engine.begin() as conn:
-        if conn.execute(stmt).rowcount != 1:
-            return None
-        # Still inside the transaction that holds the row: these are our own values.
-        job = conn.execute(
-            sa.select(Job.attempts, Job.spec, Job.model_id).where(Job.id == job_id)
-        ).one()
-        model = conn.execute(sa.select(Model).where(Model.id == job.model_id)).one()
-    return Claim(job_id, job.attempts, owner, job.spec, _model_dict(model))
+    from gauntlet.scheduler.bulk import claim_many  # it builds on this module
+
+    return claim_many(engine, [job_id], owner, lease_seconds, now).get(job_id)
 
 
 def _fenced(job_id: int, owner: str, attempt: int) -> sa.Update:

@@ -29,18 +29,11 @@ from prometheus_client.core import (
 from gauntlet.cluster.errors import GauntletError
 from gauntlet.db.schema import Job
 from gauntlet.scheduler.outage import service_of
+from gauntlet.scheduler.quotas import requested_gpus
 
 # Seconds; a job takes from under a second (clean accuracy) to hours (AutoAttack).
 BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 FINISHED = ("done", "failed")
-
-
-def _gpus(spec) -> float:
-    resources = (spec or {}).get("resources") or {}
-    try:
-        return max(float(resources.get("num_gpus") or 0.0), 0.0)
-    except (TypeError, ValueError):
-        return 0.0
 
 
 class SchedulerCollector:
@@ -81,7 +74,9 @@ class SchedulerCollector:
                 jobs.add_metric([str(getattr(status, "value", status)), kind], int(n))
             for kind, seconds, spec in conn.execute(finished):
                 per_kind.setdefault(kind, []).append(float(seconds))
-                gpu_seconds[kind] = gpu_seconds.get(kind, 0.0) + float(seconds) * _gpus(spec)
+                gpu_seconds[kind] = gpu_seconds.get(kind, 0.0) + float(seconds) * requested_gpus(
+                    spec
+                )
         yield jobs
         durations = HistogramMetricFamily(
             "gauntlet_job_duration_seconds", "run time of finished jobs", labels=["kind"]

@@ -37,7 +37,8 @@ def submissions_today(engine: sa.Engine, user_id: int, now=None) -> int:
         return int(conn.scalar(stmt) or 0)
 
 
-def _gpus(spec) -> float:
+def requested_gpus(spec) -> float:
+    """The GPUs a job's spec asks for (0 when it names none, or nonsense)."""
     resources = (spec or {}).get("resources") or {}
     try:
         return max(float(resources.get("num_gpus") or 0.0), 0.0)
@@ -57,7 +58,7 @@ def gpu_hours_this_month(engine: sa.Engine, user_id: int, now=None) -> float:
     with engine.connect() as conn:
         for started, finished, spec in conn.execute(stmt):
             wall = ((finished or now) - started).total_seconds()
-            seconds += max(wall, 0.0) * _gpus(spec)
+            seconds += max(wall, 0.0) * requested_gpus(spec)
     return seconds / 3600.0
 
 

@@ -134,6 +134,9 @@ class JobSpec:
     # Seconds the job may run (None: its kind's default); how to run it, not what it
     # computes, so it stays out of the job key like ``resources``.
     timeout_s: float | None = None
+    # Points per shard (``workers.shards``; None: chosen from the points and the GPUs).
+    # How the job runs, not what it computes: out of the job key too.
+    shard_size: int | None = None
 
     @property
     def subset_key(self) -> str:
@@ -185,6 +188,10 @@ class JobSpec:
         if not isinstance(self.params, dict):
             raise GauntletError(f"Expected `params` to be a mapping, but got {self.params!r}")
         check_timeout(self.timeout_s)
+        if self.shard_size is not None and (not _is_int(self.shard_size) or self.shard_size <= 0):
+            raise GauntletError(
+                f"Expected `shard_size` to be a positive int, but got {self.shard_size!r}"
+            )
         check = _settings_checker(self.kind)
         if check is not None:
             check(self.attack, self.params)
@@ -265,7 +272,7 @@ class JobSpec:
         return _hash(self._identity())
 
     def _identity(self) -> dict:
-        # Only what decides the numbers: resources, batch size and timeout_s stay out.
+        # Only what decides the numbers: resources, batch and shard sizes, timeout_s stay out.
         identity = {
             "v": EVAL_VERSION,
             "kind": self.kind,

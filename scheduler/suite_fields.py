@@ -27,6 +27,7 @@ EVAL_FIELDS = (
     "adaptive",
     "kind",
     "timeout_s",
+    "shard_size",
 )
 TRANSFER_FIELDS = ("attack", "norm", "eps", "params", "ensemble", "timeout_s")
 DEFENSE_FIELDS = ("name", "params")
@@ -75,7 +76,7 @@ def _known_keys(where: str, what: str, item: dict, allowed: tuple[str, ...]) -> 
 
 
 def suite_header(data: dict, name: str) -> dict:
-    """The suite-wide fields, checked: name, description, n, seed, batch_size, eps."""
+    """The suite-wide fields, checked: name, description, n, seed, batch_size, eps, ..."""
     where = f"suite {name!r}"
     eps = mapping(where, "eps", data.get("eps"))
     for norm, table in eps.items():
@@ -94,7 +95,14 @@ def suite_header(data: dict, name: str) -> dict:
         "batch_size": integer(where, "batch_size", data.get("batch_size", 256), 1),
         "eps": eps,
         "resources": mapping(where, "resources", data.get("resources")),
+        "shard_size": shard_size(where, data),
     }
+
+
+def shard_size(where: str, item: dict) -> int | None:
+    """Points per shard (``workers.shards``), where the suite or an evaluation sets it."""
+    value = item.get("shard_size")
+    return None if value is None else integer(where, "shard_size", value, 1)
 
 
 def evaluation(where: str, item: Any, allowed: tuple[str, ...] = EVAL_FIELDS) -> dict:
@@ -132,6 +140,7 @@ def evaluation(where: str, item: Any, allowed: tuple[str, ...] = EVAL_FIELDS) ->
         if field in item:
             integer(where, field, item[field], 1, 1000)
     check_timeout(item.get("timeout_s"), where)
+    shard_size(where, item)
     for field in ("adaptive", "ensemble"):
         if item.get(field) is not None and not isinstance(item[field], bool):
             raise GauntletError(

@@ -26,6 +26,7 @@ _FIELDS = {
     "eps",
     "resources",
     "batch_size",
+    "shard_size",
     "evaluations",
     "defenses",
     "transfer",
@@ -48,6 +49,8 @@ class Suite:
     defenses: list = field(default_factory=lambda: [None])
     # Transfer attacks between every pair of models of a dataset: {attack, norm, params}.
     transfer: dict | None = None
+    # Points per shard of every evaluation that sets none itself (``workers.shards``).
+    shard_size: int | None = None
 
     def budget(self, norm: str, dataset: str, override: Any = None) -> float:
         if override is not None:
@@ -127,6 +130,7 @@ class Suite:
             eps_sweep=sorted(set(sweep)),
             kind=item.get("kind", "eval"),
             timeout_s=item.get("timeout_s"),  # checked by suite_fields; not in the job key
+            shard_size=item.get("shard_size", self.shard_size),  # nor is this
         )
         if defense is None:
             return [JobSpec(**common)]

@@ -148,14 +148,12 @@ def digits_models(tmp_path_factory):
     return train_digits_models(tmp_path_factory.mktemp("models"))
 
 
-@pytest.fixture
-def stored(tmp_path, digits_models):
-    """The standard digits model in an artifact store, as a model row would name it."""
+def stored_model(store: Path, weights: Path) -> tuple[dict, str]:
+    """(model row, store path): ``weights`` put in an artifact store at ``store``."""
     from gauntlet.cluster.artifacts import ArtifactStore
     from gauntlet.workers.models import InputSpec
 
-    store = tmp_path / "artifacts"
-    sha = ArtifactStore(store).put_file(digits_models["standard"])
+    sha = ArtifactStore(store).put_file(weights)
     model = {
         "id": "m" * 64,
         "name": "standard",
@@ -165,6 +163,12 @@ def stored(tmp_path, digits_models):
         "weights_sha256": sha,
     }
     return model, str(store)
+
+
+@pytest.fixture
+def stored(tmp_path, digits_models):
+    """The standard digits model in an artifact store, as a model row would name it."""
+    return stored_model(tmp_path / "artifacts", digits_models["standard"])
 
 
 @pytest.fixture(scope="module")

@@ -86,9 +86,13 @@ def test_curve_goes_to_zero_on_the_bare_model_and_flags_a_masked_one(stored):
     assert any("should go to zero" in f for f in masked.details["flags"])
 
 
-def test_an_interrupted_job_resumes_from_its_saved_state(stored, tmp_path):
+# The second case: a randomized defense, whose saved chunks hold all ten judging draws.
+@pytest.mark.parametrize(
+    "extra", [{}, {"defense": "gaussian-noise", "defense_params": {"sigma": 0.2}}]
+)
+def test_an_interrupted_job_resumes_from_its_saved_state(stored, tmp_path, extra):
     model, store = stored
-    spec = pgd_spec(eps=0.1, n=N, batch_size=16)
+    spec = pgd_spec(eps=0.1, n=N, batch_size=16, **extra)
     whole = evaluate(spec, model, artifacts=store, data_root="")
     seen = []
 
@@ -117,6 +121,7 @@ def test_an_interrupted_job_resumes_from_its_saved_state(stored, tmp_path):
     )
     assert resumed == [48, 64]  # chunks 1-2 were not attacked again
     assert (again.clean, again.robust) == (whole.clean, whole.robust)
+    assert again.details.get("draws") == whole.details.get("draws")
     assert not (tmp_path / "artifacts" / "checkpoints" / "job-7.safetensors").exists()
 
 

@@ -17,10 +17,17 @@ PINNED = {
         {"norm": "l2", "steps": 20},
         "APGDDLR(norm='l2', steps=20, restarts=1, rho=0.75)",
     ),
-    "apgd-t": ({}, "APGDT(norm=None, steps=100, restarts=1, rho=0.75, n_target_classes=9)"),
+    "apgd-t": (
+        {},
+        "APGDT(norm=None, steps=100, restarts=1, rho=0.75, n_target_classes=9, stack_rows=0)",
+    ),
     "autoattack": (
         {},
         "AutoAttack(version='standard', steps=100, queries=5000, n_target_classes=9)",
+    ),
+    "autoattack-fast": (
+        {},
+        "AutoAttackFast(steps=100, queries=1000, n_target_classes=9, cheap_targets=3, screen=0.1)",
     ),
     "bim": ({}, "BIM(norm=None, steps=10, rel_stepsize=0.125, targeted=False, target='random')"),
     "clean": ({}, "Clean()"),
@@ -37,7 +44,7 @@ PINNED = {
     "fab-t": (
         {},
         "FABT(norm=None, steps=100, restarts=1, n_target_classes=9, alpha_max=0.1, eta=1.05, "
-        "beta=0.9)",
+        "beta=0.9, stack_rows=0)",
     ),
     "fgsm": ({}, "FGSM(norm=None)"),
     "mi-fgsm": (

@@ -89,9 +89,7 @@ def test_confidence_under_attack_goes_through_the_adaptive_surface(stored):
     from tests.service_helpers import run_eval
 
     def calibrate(adaptive: bool):
-        result = run_eval(
-            stored, n=64, kind="calibration", defense="bit-depth", adaptive=adaptive
-        )
+        result = run_eval(stored, n=64, kind="calibration", defense="bit-depth", adaptive=adaptive)
         return {m.name: m.value for m in result.metrics}, result.details
 
     plain, plain_details = calibrate(False)

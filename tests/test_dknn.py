@@ -228,39 +228,24 @@ def test_feature_space_attack_lowers_dknn_robust_accuracy(stored):
 
 def _board_run(engine, model_id, attack, robust, rejected_adv, adaptations, n=10):
     """A done DkNN job: clean wrong (rejected) at 9, ``robust`` and rejections as given."""
-    import hashlib
-
-    from gauntlet.scheduler import lifecycle
-    from gauntlet.workers.results import JobResult, pack
+    from gauntlet.workers.results import pack
+    from tests.test_leaderboard import evaluate
 
     clean = [i != 9 for i in range(n)]
     rejected = {
         "clean": pack([i == 9 for i in range(n)]).hex(),
         "adversarial": pack(rejected_adv).hex(),
     }
-    key = hashlib.sha256(f"{model_id}-{attack}-{adaptations}".encode()).hexdigest()
-    (job_id,) = lifecycle.insert_jobs(
+    evaluate(
         engine,
-        [
-            lifecycle.NewJob(
-                job_key=key,
-                model_id=model_id,
-                kind="eval",
-                suite="test",
-                spec={},
-                dataset="digits",
-                attack=attack,
-                norm=None if attack == "clean" else "linf",
-                eps=None if attack == "clean" else 0.3,
-                subset_key=f"digits:test:{n}:0",
-                defense="DkNN(k=75, calibration_size=750, index_size=10000, threshold=0.1, seed=0)",
-            )
-        ],
+        model_id,
+        attack,
+        clean,
+        robust,
+        eps=0.3,
+        defense="DkNN(k=75, calibration_size=750, index_size=10000, threshold=0.1, seed=0)",
+        details={"adaptations": adaptations, "rejected": rejected},
     )
-    claim = lifecycle.claim(engine, job_id, "sched", 60)
-    details = {"adaptations": adaptations, "rejected": rejected}
-    result = JobResult(metrics=[], n=n, clean=pack(clean), robust=pack(robust), details=details)
-    assert lifecycle.finish(engine, job_id, "sched", claim.attempt, result)
 
 
 def test_board_credits_rejections_only_under_the_adaptive_attack(db_url):

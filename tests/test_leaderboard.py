@@ -45,12 +45,15 @@ def evaluate(
     eps: float | None = 0.1,
     dataset: str = "digits",
     end: str = "done",
+    defense: str | None = None,
+    details: dict | None = None,
 ) -> int:
     """A job of ``model_id`` taken to ``end``: done (with outcomes), failed or running."""
     n = len(clean)
     norm = None if attack == "clean" else "linf"
     eps = None if attack == "clean" else eps
-    key = hashlib.sha256(f"{model_id}-{attack}-{eps}-{dataset}".encode()).hexdigest()
+    label = f"{model_id}-{attack}-{eps}-{dataset}-{defense}-{details}"
+    key = hashlib.sha256(label.encode()).hexdigest()
     (job_id,) = lifecycle.insert_jobs(
         engine,
         [
@@ -65,12 +68,15 @@ def evaluate(
                 norm=norm,
                 eps=eps,
                 subset_key=f"{dataset}:test:{n}:0",
+                defense=defense,
             )
         ],
     )
     claim = lifecycle.claim(engine, job_id, "sched", 60)
     if end == "done":
-        result = JobResult(metrics=[], n=n, clean=pack(clean), robust=pack(robust))
+        result = JobResult(
+            metrics=[], n=n, clean=pack(clean), robust=pack(robust), details=details or {}
+        )
         assert lifecycle.finish(engine, job_id, "sched", claim.attempt, result)
     elif end == "failed":
         assert lifecycle.fail(engine, job_id, "sched", claim.attempt, "oom", permanent=True)

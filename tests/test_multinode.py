@@ -32,6 +32,7 @@ from gauntlet.db.schema import Job, MetricRow, Outcome
 from gauntlet.scheduler.run import make_executor
 from gauntlet.workers import results
 from tests.queue_helpers import free_port, status
+from tests.rehearsal_helpers import pids_naming
 from tests.service_helpers import make_app, submit_digits
 
 pytestmark = pytest.mark.ray
@@ -116,7 +117,7 @@ class Cluster:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
-        for pid in _pids_naming(temp):
+        for pid in pids_naming(temp):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -126,18 +127,6 @@ class Cluster:
         for label in list(self.nodes):
             self.kill(label)
             shutil.rmtree(self.nodes.pop(label)[1], ignore_errors=True)
-
-
-def _pids_naming(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if text.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def _cpu_nodes(ray) -> set[str]:

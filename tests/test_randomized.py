@@ -166,28 +166,3 @@ def test_one_draw_is_the_single_draw_judge(standard):
         by_hand_robust = by_hand_clean & (defended(x_adv).argmax(1) == y)
     assert torch.equal(clean, by_hand_clean) and torch.equal(robust, by_hand_robust)
     assert not rejected.any()  # noise never refuses
-
-
-def test_an_interrupted_k_draw_job_resumes_to_the_same_numbers(stored, tmp_path):
-    from gauntlet.workers.task import run_spec as evaluate
-    from tests.service_helpers import pgd_spec
-
-    model, store = stored
-    spec = pgd_spec(eps=0.1, n=N, batch_size=16, **NOISY)
-    whole = evaluate(spec, model, artifacts=store, data_root="")
-    seen = []
-
-    def dies_after_two_chunks(done, total):
-        seen.append(done)
-        if len(seen) == 2:
-            raise RuntimeError("worker lost")
-
-    with pytest.raises(RuntimeError):
-        evaluate(spec, model, artifacts=store, data_root="", progress=dies_after_two_chunks,
-                 checkpoint_name="job-9")  # fmt: skip
-    resumed = []
-    again = evaluate(spec, model, artifacts=store, data_root="", checkpoint_name="job-9",
-                     progress=lambda d, t: resumed.append(d))  # fmt: skip
-    assert resumed == [48, 64]  # the saved chunks, with their ten draws, were kept
-    assert (again.clean, again.robust) == (whole.clean, whole.robust)
-    assert again.details["draws"] == whole.details["draws"]

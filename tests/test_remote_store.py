@@ -8,6 +8,7 @@ artifact actor; nothing may reach the workers through the scheduler's path.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +22,8 @@ from gauntlet.scheduler.executors import RayExecutor
 from gauntlet.workers import results
 from gauntlet.workers.datasets import load_split
 from gauntlet.workers.defenses.quilting import patch_database
-from gauntlet.workers.models import InputSpec
 from gauntlet.workers.results import JobFailure, JobResult
+from tests.conftest import stored_model
 from tests.service_helpers import pgd_spec
 
 
@@ -50,17 +51,8 @@ def ray_elsewhere(worker_root):
 
 @pytest.fixture
 def scheduler_store(tmp_path, digits_models):
-    root = tmp_path / "scheduler-artifacts"
-    sha = ArtifactStore(root).put_file(digits_models["standard"])
-    model = {
-        "id": "m" * 64,
-        "name": "standard",
-        "arch": "small-cnn",
-        "dataset": "digits",
-        "input_spec": InputSpec(1, 8, 8, 10).to_dict(),
-        "weights_sha256": sha,
-    }
-    return root, model
+    model, root = stored_model(tmp_path / "scheduler-artifacts", digits_models["standard"])
+    return Path(root), model
 
 
 def _payload(root, model, job_id: int, spec: dict) -> dict:

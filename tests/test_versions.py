@@ -40,7 +40,7 @@ def test_a_composite_depends_on_its_members_and_a_procedure_on_its_kind():
     # The members of standard AutoAttack (Croce & Hein 2020): APGD-CE, APGD-T, FAB-T, Square.
     assert spec.versions() == {
         "kind": 1,
-        "attack": {"autoattack": 1, "apgd-ce": 1, "apgd-t": 1, "fab-t": 1, "square": 1},
+        "attack": {"autoattack": 2, "apgd-ce": 1, "apgd-t": 1, "fab-t": 1, "square": 2},
         "defense": {"jpeg": 1},
     }
     # AutoAttack's hyperparameter `version` ("standard") does not hide the code's version.

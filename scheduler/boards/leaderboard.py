@@ -57,6 +57,9 @@ class Entry:
     stale: list[str] = field(default_factory=list)
     # Follow-ups its flags queued are still running (``scheduler.followups``).
     under_evaluation: bool = False
+    # The AutoAttack protocol among its attacks ("autoattack" or "autoattack-fast";
+    # the full one where both ran); None when neither did.
+    protocol: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,10 @@ def _masking_flags(clean: np.ndarray, robust_by_attack: dict[str, np.ndarray]) -
     return []
 
 
+# The AutoAttack protocols an entry's number may come from, the stronger first.
+PROTOCOLS = ("autoattack", "autoattack-fast")
+
+
 def _entry(
     group: tuple[str, str, float, str], model_runs: list[_Run], clean_run: _Run | None
 ) -> Entry:
@@ -208,6 +215,7 @@ def _entry(
         unreliable=flags,
         rejecting=rejects,
         rejected_clean=rejecting.rejected_clean(consistent, clean_run, n) if rejects else None,
+        protocol=next((p for p in PROTOCOLS if p in robust_by_attack), None),
     )
 
 

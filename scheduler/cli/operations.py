@@ -38,15 +38,26 @@ def scheduler(ctx, **options):
 
 @main.command()
 @click.option("--suite", "suites", multiple=True, help="Also expand this suite for every model.")
+@click.option(
+    "--fast",
+    is_flag=True,
+    help="autoattack-fast for models whose autoattack results are current, the full "
+    "autoattack for new or stale ones.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def nightly(ctx, suites, as_json):
+def nightly(ctx, suites, fast, as_json):
     """Enqueue every model x suite evaluation that has no result yet."""
     from gauntlet.scheduler.nightly import nightly as run_nightly
 
     app = _app(ctx)
     report = run_nightly(
-        app.engine, app.queue, app.redis, prefix=app.settings.redis_prefix, suites=list(suites)
+        app.engine,
+        app.queue,
+        app.redis,
+        prefix=app.settings.redis_prefix,
+        suites=list(suites),
+        fast=fast,
     )
     if as_json:
         _print_json(asdict(report))

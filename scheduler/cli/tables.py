@@ -56,6 +56,7 @@ def leaderboard_tables(entries) -> list[Table]:
                 name,
                 _pct(e.clean_accuracy),
                 _pct(e.robust_accuracy)
+                + (f" [{e.protocol}]" if getattr(e, "protocol", None) else "")
                 + (f" (rejects {_pct(e.rejected_clean)} clean)" if e.rejecting else ""),
                 f"{_pct(e.robust_low)}-{_pct(e.robust_high)}",
                 str(e.n),

@@ -110,31 +110,32 @@ def install(api: FastAPI, app, *, viewer: Callable[[Request], object] | None = N
         models = visible_models(app.engine, who(request))
         return page(title, render(read(app, dataset=dataset or None), models))
 
-    @api.get("/jobs/{job_id}", include_in_schema=False)
-    def job(request: Request, job_id: str):
+    def visible_job(request: Request, job_id: str):
+        """(job detail, None), or (None, the error page) for a bad, absent or hidden job."""
         if not job_id.isdigit() or len(job_id) > 18:
-            return error_page(400, f"a job id is a number, not {job_id!r}")
+            return None, error_page(400, f"a job id is a number, not {job_id!r}")
         try:
             detail = service.job_detail(app, int(job_id))
         except GauntletError:
             detail = None
         row = detail and get_model(app.engine, detail["model_id"])
         if not row or not visible(app.engine, row["id"], who(request)):
-            return error_page(404, f"there is no job {job_id}")
+            return None, error_page(404, f"there is no job {job_id}")
+        return detail, None
+
+    @api.get("/jobs/{job_id}", include_in_schema=False)
+    def job(request: Request, job_id: str):
+        detail, error = visible_job(request, job_id)
+        if error is not None:
+            return error
         running = detail["status"] in ("queued", "running")
         return page(f"Job {job_id}", job_body(detail), refresh=2 if running else None)
 
     @api.get("/jobs/{job_id}/images/{name}.png", include_in_schema=False)
     def job_image(request: Request, job_id: str, name: str):
-        if not job_id.isdigit() or len(job_id) > 18:
-            return error_page(400, f"a job id is a number, not {job_id!r}")
-        try:
-            detail = service.job_detail(app, int(job_id))
-        except GauntletError:
-            detail = None
-        row = detail and get_model(app.engine, detail["model_id"])
-        if not row or not visible(app.engine, row["id"], who(request)):
-            return error_page(404, f"there is no job {job_id}")
+        detail, error = visible_job(request, job_id)
+        if error is not None:
+            return error
         sha = image_names(detail.get("details")).get(name)
         if sha is None:
             return error_page(404, f"job {job_id} has no image {name!r}")

@@ -76,6 +76,7 @@ def _entry_cells(e, models: dict) -> list[str]:
         f"{pct(e.clean_accuracy)} <span class=muted>({_clean_interval(e)})</span>",
         f"{pct(e.robust_accuracy)} <span class=muted>"
         f"({html.interval(e.robust_low, e.robust_high)})</span>"
+        + (f" <span class=muted>[{esc(e.protocol)}]</span>" if e.protocol else "")
         + (f" <span class=muted>rejects {pct(e.rejected_clean)} clean</span>" if rejects else ""),
         str(e.n),
         esc(e.strongest_attack or html.DASH),

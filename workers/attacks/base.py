@@ -261,3 +261,14 @@ class Attack:
         if (allowed - x_adv).abs().max() > _CONTRACT_SLACK:
             raise RuntimeError(f"{self!r} returned points outside the threat {threat}")
         return allowed
+
+
+def judged_in_ball(model, found: torch.Tensor, x: torch.Tensor, y: torch.Tensor, norm, eps):
+    """(points, fooled): ``found`` scaled back onto the ``eps`` ball of ``norm`` and into
+    the box; projecting often lands short of the boundary, so the model decides."""
+    from gauntlet.workers.attacks.norms import get_norm
+
+    x_out = get_norm(norm).project(found, x, eps).clamp_(0.0, 1.0)
+    with torch.no_grad():
+        fooled = model(x_out).argmax(dim=1) != y
+    return x_out, fooled

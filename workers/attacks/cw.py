@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks.base import Attack, RunOutput, Threat
-from gauntlet.workers.attacks.norms import get_norm
+from gauntlet.workers.attacks.base import Attack, RunOutput, Threat, judged_in_ball
 from gauntlet.workers.attacks.registry import register_attack
 from gauntlet.workers.attacks.targets import TARGET, pick_targets
 from gauntlet.workers.hyperparams import flag, integer, real, span
@@ -87,11 +86,7 @@ class CarliniWagnerL2(Attack):
         best, _, counts = self._search(
             model, x, y, targets, within=threat.eps, keep_margin=keep_margin
         )
-        # Found outside the ball: scaled back onto it, where the model has the last word.
-        x_out = get_norm("l2").project(best, x, threat.eps).clamp_(0.0, 1.0)
-        with torch.no_grad():
-            fooled = model(x_out).argmax(dim=1) != y
-        return RunOutput(x_out, fooled, counts)
+        return RunOutput(*judged_in_ball(model, best, x, y, "l2", threat.eps), counts)
 
     def _search(
         self,

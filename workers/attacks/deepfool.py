@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from gauntlet.workers.attacks.base import Attack, RunOutput, norm_and_steps
+from gauntlet.workers.attacks.base import Attack, RunOutput, judged_in_ball, norm_and_steps
 from gauntlet.workers.attacks.norms import get_norm
 from gauntlet.workers.attacks.registry import register_attack
 from gauntlet.workers.hyperparams import integer, span
@@ -68,12 +68,7 @@ class DeepFool(Attack):
         # the ball, for all its steps (``within``), pushing further across.
         within = None if getattr(model, "stop_early", True) else threat.eps
         x_min, _, counts = self._search(model, x, y, threat.norm, within)
-        # A perturbation found outside the ball is scaled back onto it; that often lands
-        # short of the boundary, so the model decides, not the search.
-        x_out = get_norm(threat.norm).project(x_min, x, threat.eps).clamp_(0.0, 1.0)
-        with torch.no_grad():
-            fooled = model(x_out).argmax(dim=1) != y
-        return RunOutput(x_out, fooled, counts)
+        return RunOutput(*judged_in_ball(model, x_min, x, y, threat.norm, threat.eps), counts)
 
     def _search(
         self,

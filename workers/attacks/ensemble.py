@@ -17,6 +17,7 @@ import time
 import torch
 
 from gauntlet.workers.attacks.base import Attack, RunOutput
+from gauntlet.workers.attacks.layout import channels_last
 from gauntlet.workers.attacks.registry import build_attack, register_attack
 from gauntlet.workers.attacks.square import margin
 from gauntlet.workers.hyperparams import integer, one_of
@@ -82,6 +83,7 @@ class AutoAttack(Attack):
         # attempt with the smallest margin on the model, not the clean input (where a
         # deterministic model's robust points stay).
         random = not getattr(model, "stop_early", True) or getattr(model, "randomized", False)
+        model = channels_last(model, x)  # faster forward passes on a CPU; same function
         closest = torch.full((len(x),), torch.inf, device=x.device)
         x_adv = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)

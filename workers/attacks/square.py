@@ -82,11 +82,16 @@ def put_windows(t: torch.Tensor, top: torch.Tensor, left: torch.Tensor, values: 
     return t
 
 
+_BASES: dict[tuple, torch.Tensor] = {}  # (s, w, device) -> a window's flat offsets
+
+
 def _flat_window_index(top, left, s: int, w: int, c: int) -> torch.Tensor:
     """(n, C, s*s) positions in flattened H*W of each example's s x s window."""
-    offsets = torch.arange(s, device=top.device)
-    base = (offsets[:, None] * w + offsets[None, :]).flatten()
-    return (top * w + left)[:, None].add(base)[:, None, :].expand(-1, c, -1)
+    key = (s, w, top.device)
+    if key not in _BASES:
+        offsets = torch.arange(s, device=top.device)
+        _BASES[key] = (offsets[:, None] * w + offsets[None, :]).flatten()
+    return (top * w + left)[:, None].add(_BASES[key])[:, None, :].expand(-1, c, -1)
 
 
 def _window_mask(top, left, s: int, h: int, w: int) -> torch.Tensor:
@@ -134,6 +139,8 @@ class Square(Attack):
 
     name = "square"
     black_box = True
+    # 2: the signs' redraws are drawn at once (same law, other draws).
+    version = 2
 
     hyperparams = {
         "queries": integer(5000, 1, 1_000_000),
@@ -145,9 +152,12 @@ class Square(Attack):
     def _query(self, model, x, y) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss to minimise, misclassified) from one forward pass."""
         logits = model(x)
-        wrong = logits.argmax(dim=1) != y
         if self.loss == "margin":
-            return margin(logits, y), wrong
+            gap = margin(logits, y)
+            # A negative margin is a misclassification (an exact tie, where argmax may
+            # go either way, is not counted yet): one op less per query.
+            return gap, gap < 0
+        wrong = logits.argmax(dim=1) != y
         return -torch.nn.functional.cross_entropy(logits, y, reduction="none"), wrong
 
     @torch.no_grad()
@@ -174,7 +184,8 @@ class Square(Attack):
         else:
             best = (x0 + self._l2_start(x0, eps, generator)).clamp(0.0, 1.0)
         loss, wrong = self._query(model, best, y0)
-        queries[idx] += 1
+        # Counted when an example leaves: at iteration ``it`` it has spent it + 1 queries
+        # (the start and ``it`` proposals); no per-query indexed add.
         # On a random surface (EOT, ``stop_early = False``) a misclassifying query may be
         # a lucky draw: every example spends the whole budget lowering its loss, and is
         # judged by the query that found its best point.
@@ -184,6 +195,7 @@ class Square(Attack):
                 done = wrong.nonzero().squeeze(1)
                 x_adv[idx[done]] = best[done]
                 fooled[idx[done]] = True
+                queries[idx[done]] += it + 1
                 keep = (~wrong).nonzero().squeeze(1)
                 idx, x0, y0, best, loss = idx[keep], x0[keep], y0[keep], best[keep], loss[keep]
             # The starting point took one query: the budget allows queries - 1 proposals.
@@ -195,13 +207,15 @@ class Square(Attack):
             else:
                 proposal = self._l2_proposal(x0, best, p, eps, generator)
             new_loss, new_wrong = self._query(model, proposal, y0)
-            queries[idx] += 1
             improved = new_loss < loss
-            better = improved | new_wrong if stop_early else improved
+            # A margin below zero is below every kept loss (those are >= 0): no OR needed.
+            plain = self.loss == "margin" or not stop_early
+            better = improved if plain else improved | new_wrong
             loss = torch.minimum(new_loss, loss)
             best = torch.where(better[:, None, None, None], proposal, best)
             wrong = new_wrong if stop_early else torch.where(better, new_wrong, wrong)
         x_adv[idx] = best
+        queries[idx] += it + 1
         if not stop_early:
             fooled[idx[wrong]] = True
             idx = idx[~wrong]
@@ -216,17 +230,17 @@ class Square(Attack):
         index = _flat_window_index(top, left, s, w, c)
         clean = x0.flatten(2).gather(2, index)
         current = best.flatten(2).gather(2, index)
-        signs = random_signs((n, c, 1), generator, x0)
         # A proposal equal to the current window wastes a query (common where pixels sit
         # at 0 and x - eps clips back to x): redraw the signs of those, as the paper does.
-        window = (clean + eps * signs).clamp_(0.0, 1.0)
-        for _ in range(_REDRAWS):
-            same = ((window - current).abs() < 1e-7).flatten(1).all(dim=1)
-            if not same.any():
-                break
-            redraw = random_signs((n, c, 1), generator, x0)
-            signs = torch.where(same[:, None, None], redraw, signs)
-            window = (clean + eps * signs).clamp_(0.0, 1.0)
+        # All draws at once: each example takes its first draw that changes the window
+        # (its last if none does), the law of redrawing one at a time, in a few ops
+        # instead of a loop that runs until the last of the batch differs.
+        signs = random_signs((_REDRAWS + 1, n, c, 1), generator, x0)
+        windows = (clean + eps * signs).clamp_(0.0, 1.0)  # (draws, n, C, s*s)
+        differs = ((windows - current).abs() >= 1e-7).flatten(2).any(dim=2)  # (draws, n)
+        differs[-1] = True
+        first = differs.int().argmax(dim=0)  # argmax returns the first maximum
+        window = windows[first, torch.arange(n, device=x0.device)]
         return best.flatten(2).scatter(2, index, window).view_as(best)
 
     def _l2_start(self, x0, eps, generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gauntlet.workers import gpu, results
+from gauntlet.workers import gpu, results, shards
 from gauntlet.workers.attacks import AttackResult, Threat, build_attack
 from gauntlet.workers.attacks import flags as reliability
 from gauntlet.workers.attacks.dknn_adaptive import against_rejection
@@ -76,12 +76,26 @@ def rejection_bits(rejected: torch.Tensor) -> dict[str, str]:
 
 
 def run_chunks(
-    attack, surface, defended, x, y, threat, *, seed, batch_size, checkpoint, progress, k=1
+    attack,
+    surface,
+    defended,
+    x,
+    y,
+    threat,
+    *,
+    seed,
+    batch_size,
+    checkpoint,
+    progress,
+    k=1,
+    offset=0,
 ) -> tuple[AttackResult, torch.Tensor, torch.Tensor]:
     """The attack's result, which clean and adversarial inputs were rejected (n, 2), and
     per draw of the judge's ``k`` which points were clean-correct and robust (2, k, n).
 
     Attacks in chunks of ``batch_size``, saving per-example state after each chunk.
+    ``offset``: where ``x`` starts in the job's points (a shard, ``workers.shards``), so
+    each chunk draws the randomness it would draw in the unsharded run.
     """
     n = len(x)
     state = checkpoint.load() if checkpoint else None
@@ -98,11 +112,18 @@ def run_chunks(
             "queries": torch.zeros(n, dtype=torch.int64),
             "grad_evals": torch.tensor(0),
         }
+    # An ensemble's per-member counts (fixed names) are saved too, so a resumed run
+    # reports the points broken before the interruption as well.
+    counts = getattr(attack, "breakdown", None)
+    counts = counts if isinstance(counts, dict) and counts else None
+    if counts is not None and "breakdown" in state and len(state["breakdown"]) == len(counts):
+        counts.update(dict(zip(list(counts), state["breakdown"].tolist(), strict=True)))
     black_box = False
     for start in range(int(state["done"]), n, batch_size):
         sl = slice(start, start + batch_size)
-        generator = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + start)
-        gpu.seed_everything(seed * 1_000_003 + start)  # randomized defenses draw from here
+        chunk_seed = seed * 1_000_003 + offset + start
+        generator = torch.Generator(device=x.device).manual_seed(chunk_seed)
+        gpu.seed_everything(chunk_seed)  # randomized defenses draw from here
         part = attack(surface, x[sl], y[sl], threat, batch_size=batch_size, generator=generator)
         clean, robust = part.clean_correct, part.robust
         if (
@@ -126,6 +147,8 @@ def run_chunks(
             state["queries"][sl] = part.queries.cpu()
         state["grad_evals"] = state["grad_evals"] + part.grad_evals
         state["done"] = torch.tensor(min(start + batch_size, n))
+        if counts is not None:
+            state["breakdown"] = torch.tensor(list(counts.values()), dtype=torch.int64)
         if checkpoint:
             checkpoint.save(state)
         if progress:
@@ -160,16 +183,11 @@ def _surface(ctx: JobContext):
     return surface, adaptations
 
 
-def run(ctx: JobContext) -> JobResult:
+def prepare(ctx: JobContext):
+    """(surface, adaptations, params, attack, k, threat): built alike by the job and by
+    each of its shards (``workers.shards``), so every piece runs the same attack."""
     spec, defended = ctx.spec, ctx.defended
     surface, adaptations = _surface(ctx)
-    x, y, _ = ctx.eval_data
-    seed, batch_size = ctx.seed, ctx.batch_size
-    # Gradient-masking checks concern attacks: clean accuracy has none to mislead.
-    flags = []
-    if spec.get("norm") is not None:
-        flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
-
     params = draws.attack_params(spec, defended, ctx.params)  # autoattack: "rand" if random
     attack = build_attack(spec["attack"], params)
     # A rejecting defense is attacked for an accepted wrong answer (dknn_adaptive.py).
@@ -177,6 +195,18 @@ def run(ctx: JobContext) -> JobResult:
     attack, adaptations = against_rejection(attack, defended, adaptations, adaptive=adaptive)
     k = draws.draws_of(spec, defended)
     threat = None if spec.get("norm") is None else Threat(spec["norm"], float(spec["eps"]))
+    return surface, adaptations, params, attack, k, threat
+
+
+def run(ctx: JobContext) -> JobResult:
+    spec, defended = ctx.spec, ctx.defended
+    surface, adaptations, params, attack, k, threat = prepare(ctx)
+    x, y, _ = ctx.eval_data
+    seed, batch_size = ctx.seed, ctx.batch_size
+    # Gradient-masking checks concern attacks: clean accuracy has none to mislead.
+    flags = []
+    if spec.get("norm") is not None:
+        flags = reliability.model_flags(surface, x[:CHECK_POINTS], y[:CHECK_POINTS])
     if attack.needs_train_data:
         x_train, y_train = ctx.train_split()
         generator = torch.Generator(device=ctx.device).manual_seed(seed)
@@ -197,7 +227,12 @@ def run(ctx: JobContext) -> JobResult:
             k=k,
         )
 
-    result, rejected, per_draw = attack_all(threat, ctx.checkpoint, ctx.progress)
+    # Large jobs on a cluster run as shards on several GPUs, merged to the same result.
+    bounds, subtasks, split = shards.plan(ctx, attack), [], None
+    if bounds:
+        result, rejected, per_draw, subtasks, split = shards.attack_sharded(ctx, attack, bounds)
+    else:
+        result, rejected, per_draw = attack_all(threat, ctx.checkpoint, ctx.progress)
     ctx.adversarial = result.x_adv
     metrics = attack_metrics(x, result)
     details = {
@@ -206,6 +241,8 @@ def run(ctx: JobContext) -> JobResult:
         "adaptations": adaptations,
         "flags": flags,
     }
+    if split:
+        details["shards"] = split  # where each shard's points start and stop, resumed where
     if spec.get("defense"):
         details["defense_config"] = repr(defended)
     if getattr(defended, "rejects", False):
@@ -231,7 +268,8 @@ def run(ctx: JobContext) -> JobResult:
         flags.extend(reliability.curve_flags(sweep, curve))
     if ctx.checkpoint:
         ctx.checkpoint.clear()
-    return ctx.result(metrics, result.clean_correct, result.robust & result.clean_correct, details)
+    robust = result.robust & result.clean_correct
+    return ctx.result(metrics, result.clean_correct, robust, details, subtasks)
 
 
 def _transfer_sources(spec: dict) -> list[str]:

@@ -1,0 +1,111 @@
+"""``autoattack-fast`` against ``autoattack`` on the same points, and ``nightly --fast``.
+
+The fast protocol runs the expensive members only on the points its cheap stage left
+close to the boundary; these tests measure it against the full ensemble (robust
+accuracy within 0.5 points, a fraction of the gradient passes) on the standard and the
+adversarially trained digits CNN, and check that nightly gives a model whose
+``autoattack`` results went stale the full protocol and a current one the fast one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from gauntlet.scheduler import lifecycle
+from gauntlet.scheduler.executors import LocalExecutor
+from gauntlet.scheduler.nightly import nightly
+from gauntlet.workers.attacks import ATTACKS, Threat, build_attack
+from gauntlet.workers.datasets import eval_subset
+from gauntlet.workers.models import InputSpec, load_classifier
+from tests.attack_helpers import seeded
+from tests.service_helpers import make_app, submit_digits
+
+# Cheap settings, the same for both protocols: 20 steps, 500 Square queries.
+CHEAP = {"steps": 20, "queries": 500}
+
+
+@pytest.fixture(scope="module")
+def points():
+    x, y, _ = eval_subset("digits", 200, 0, None)
+    return x, y
+
+
+@pytest.mark.parametrize("name,eps", [("standard", 0.1), ("robust", 0.2)])
+def test_fast_is_within_half_a_point_of_autoattack_at_a_fraction_of_its_passes(
+    digits_models, points, name, eps
+):
+    model = load_classifier(digits_models[name], "small-cnn", InputSpec(1, 8, 8, 10)).eval()
+    x, y = points
+    threat = Threat("linf", eps)
+    full = build_attack("autoattack", CHEAP)
+    fast = build_attack("autoattack-fast", CHEAP)
+    slow = full(model, x, y, threat, generator=seeded(0))
+    quick = fast(model, x, y, threat, generator=seeded(0))
+    clean = slow.clean_correct.float().mean().item()
+    robust = slow.robust.float().mean().item()
+    assert 0.1 < robust < clean  # points left to attack, and points broken
+    # 0.5 points of 200 is one example: count examples, not rounded fractions.
+    gap = abs(int(quick.robust.sum()) - int(slow.robust.sum()))
+    assert gap <= 0.005 * len(y), (name, gap, full.breakdown, fast.breakdown)
+    # The expensive stage saw only some of the points the cheap stage left robust.
+    left = int(quick.robust.sum()) + fast.breakdown["fab-t"] + fast.breakdown["square"]
+    assert 0 <= fast.screened < left
+    # Gradient passes (rows x steps) of the white-box members: far fewer.
+    assert quick.grad_evals < 0.5 * slow.grad_evals
+
+
+def test_the_screen_decides_who_meets_the_expensive_members(digits_models, points):
+    model = load_classifier(digits_models["robust"], "small-cnn", InputSpec(1, 8, 8, 10)).eval()
+    x, y = points[0][:60], points[1][:60]
+    threat = Threat("linf", 0.2)
+    none = build_attack("autoattack-fast", {**CHEAP, "screen": 0.0})
+    every = build_attack("autoattack-fast", {**CHEAP, "screen": 1000.0})
+    cheap = none(model, x, y, threat, generator=seeded(0))
+    full = every(model, x, y, threat, generator=seeded(0))
+    # Screen 0: nobody is close, FAB-T and Square never run.
+    assert none.screened == 0 and none.seconds["fab-t"] == none.seconds["square"] == 0.0
+    # A screen above every margin: every point the cheap stage left robust is close.
+    assert every.screened == int(cheap.robust.sum()) > 0
+    assert full.robust.sum() <= cheap.robust.sum()
+
+
+def test_nightly_fast_reruns_stale_models_in_full_and_current_ones_fast(
+    tmp_path, digits_models, monkeypatch
+):
+    app = make_app(tmp_path / "home")
+    prefix = app.settings.redis_prefix
+
+    def drain():
+        assert app.dispatcher(LocalExecutor()).run(drain=True).failed == 0
+
+    old = submit_digits(app, digits_models["standard"], suite="autoattack", name="old", n=20)
+    drain()
+    # AutoAttack's code changes: the first model's results are stale, the second model
+    # is evaluated after the change, so its results are current.
+    monkeypatch.setattr(ATTACKS["autoattack"], "version", ATTACKS["autoattack"].version + 1)
+    new = submit_digits(app, digits_models["robust"], suite="autoattack", name="new", n=20)
+    drain()
+    before = {job["id"] for job in lifecycle.list_jobs(app.engine)}
+
+    report = nightly(app.engine, app.queue, app.redis, prefix=prefix, fast=True)
+    queued = [job for job in lifecycle.list_jobs(app.engine) if job["id"] not in before]
+    got = sorted((job["model_id"] == old.model_id, job["suite"], job["attack"]) for job in queued)
+    # (The fast suite's clean evaluation is the full suite's, done already.)
+    assert got == [
+        (False, "autoattack-fast", "autoattack-fast"),
+        (True, "autoattack", "autoattack"),
+    ], got
+    assert report.stale == 1 and report.suites == {"autoattack": 1, "autoattack-fast": 1}
+    assert new.model_id != old.model_id
+    # Without --fast the current model gets nothing and the stale one its full re-run.
+    plain = nightly(app.engine, app.queue, app.redis, prefix=prefix)
+    assert plain.new_jobs == 0  # the stale re-run is queued already
+
+
+def test_bad_fast_settings_are_one_clear_error():
+    from gauntlet.cluster.errors import GauntletError
+
+    with pytest.raises(GauntletError, match="`screen`"):
+        build_attack("autoattack-fast", {"screen": -1.0})
+    with pytest.raises(GauntletError, match="`cheap_targets`"):
+        build_attack("autoattack-fast", {"cheap_targets": 0})
