@@ -17,15 +17,63 @@ from tests.service_helpers import make_app, submit_digits
 PATE = {"teachers": 4, "backdoored_teachers": 1, "epochs": 25, "student_epochs": 25}
 
 
+@pytest.fixture(scope="module")
+def ray_warm():
+    """A local Ray whose worker processes have already imported the teacher code.
+
+    A teacher trains for about a second; a cold worker process takes longer than that
+    to start and import torch on a busy machine, so on a cold pool the teachers could
+    run one after another by accident. Four CPUs keep four warm workers alive.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        num_gpus=1,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+
+    @ray.remote(num_cpus=0)
+    class Barrier:
+        def __init__(self):
+            self.arrived = 0
+
+        def arrive(self) -> int:
+            self.arrived += 1
+            return self.arrived
+
+        def count(self) -> int:
+            return self.arrived
+
+    @ray.remote(num_cpus=1)
+    def warm(barrier) -> int:
+        import os
+        import time
+
+        import gauntlet.workers.jobs.pate  # noqa: F401 - the import is the warming
+
+        ray.get(barrier.arrive.remote())
+        while ray.get(barrier.count.remote()) < 4:  # hold the worker until all four are up
+            time.sleep(0.05)
+        return os.getpid()
+
+    barrier = Barrier.remote()
+    assert len(set(ray.get([warm.remote(barrier) for _ in range(4)]))) == 4
+    yield ray
+    ray.shutdown()
+
+
 @pytest.mark.ray
-def test_pate_teachers_run_as_parallel_ray_tasks(tmp_path, digits_models, ray_local, stack):
+def test_pate_teachers_run_as_parallel_ray_tasks(tmp_path, digits_models, ray_warm, stack):
     app = make_app(tmp_path / "home", **stack)
     submit_digits(app, digits_models["standard"], name="base", suite=_clean_suite(tmp_path))
     params = {**PATE, "teacher_gpus": 0.25}
     job_id, new = request_job(app.engine, app.queue, "base", "pate", "gnmax", params, n=150)
     assert new
     stats = app.dispatcher(RayExecutor(), max_in_flight=1).run(drain=True)
-    assert stats.failed == 0, lifecycle.list_jobs(app.engine)
+    assert stats.failed == 0, [j.get("error") for j in lifecycle.list_jobs(app.engine)]
     records = lifecycle.list_subtasks(app.engine, job_id)
     assert sorted(r["name"] for r in records) == [f"teacher-{t}" for t in range(4)]
     # Progress counted teachers as they finished, then the student.
