@@ -109,8 +109,3 @@ def test_bad_fast_settings_are_one_clear_error():
         build_attack("autoattack-fast", {"screen": -1.0})
     with pytest.raises(GauntletError, match="`cheap_targets`"):
         build_attack("autoattack-fast", {"cheap_targets": 0})
-    with pytest.raises(GauntletError, match="`fab_targets`"):
-        build_attack("autoattack-fast", {"fab_targets": 0})
-    # Every target in the cheap stage: the expensive stage has no APGD-T left to run.
-    every = build_attack("autoattack-fast", {"cheap_targets": 9})
-    assert [m.name for m in every.expensive] == ["fab-t", "square"]
