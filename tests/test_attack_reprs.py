@@ -19,7 +19,8 @@ PINNED = {
     ),
     "apgd-t": (
         {},
-        "APGDT(norm=None, steps=100, restarts=1, rho=0.75, n_target_classes=9, stack_rows=0)",
+        "APGDT(norm=None, steps=100, restarts=1, rho=0.75, n_target_classes=9, stack_rows=0, "
+        "first_target=1)",
     ),
     "autoattack": (
         {},
@@ -27,7 +28,8 @@ PINNED = {
     ),
     "autoattack-fast": (
         {},
-        "AutoAttackFast(steps=100, queries=1000, n_target_classes=9, cheap_targets=3, screen=0.1)",
+        "AutoAttackFast(steps=100, queries=1000, n_target_classes=9, cheap_targets=4, "
+        "fab_targets=3, screen=0.1)",
     ),
     "bim": ({}, "BIM(norm=None, steps=10, rel_stepsize=0.125, targeted=False, target='random')"),
     "clean": ({}, "Clean()"),

@@ -263,10 +263,28 @@ def test_later_runs_attack_only_points_still_robust(
     assert two.robust.sum() <= one.robust.sum()
 
 
+def test_first_target_skips_the_likeliest_classes(robust_model, data):
+    x, y = data[0][:40], data[1][:40]
+    threat, stacked = Threat("linf", 0.2), {"steps": 5, "stack_rows": 10_000}
+    clean = int((robust_model(x).argmax(1) == y).sum())
+    # All targets stacked in one batch: its rows are points x targets attacked.
+    for first, last, targets in [(1, 9, 9), (5, 9, 5), (3, 4, 2), (9, 9, 1)]:
+        attack = build_attack(
+            "apgd-t", {**stacked, "first_target": first, "n_target_classes": last}
+        )
+        result = attack(robust_model, x, y, threat, generator=seeded(0))
+        assert result.active_per_step[0] == clean * targets, (first, last)
+    # Against only the 9th likeliest class, a one-off run is weaker than all nine.
+    only_last = ours("apgd-t", robust_model, x, y, threat, steps=10, first_target=9)
+    every = ours("apgd-t", robust_model, x, y, threat, steps=10)
+    assert only_last > every
+
+
 @pytest.mark.parametrize(
     "name,params,match",
     [
         ("apgd-ce", {"steps": 0}, r"`steps` to be an integer \[1, 10000\], but got 0"),
+        ("apgd-t", {"first_target": 4, "n_target_classes": 3}, "`first_target` at most"),
         ("apgd-ce", {"restarts": 1.5}, "`restarts`"),
         ("apgd-dlr", {"rho": 0.0}, "`rho`"),
         ("apgd-dlr", {"norm": "l1"}, "`norm`"),

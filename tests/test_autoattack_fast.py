@@ -20,7 +20,8 @@ from gauntlet.workers.models import InputSpec, load_classifier
 from tests.attack_helpers import seeded
 from tests.service_helpers import make_app, submit_digits
 
-# Cheap settings, the same for both protocols: 20 steps, 500 Square queries.
+# Cheap settings, the same for both protocols, where only the screen's mechanics are
+# tested: 20 steps, 500 Square queries.
 CHEAP = {"steps": 20, "queries": 500}
 
 
@@ -37,8 +38,11 @@ def test_fast_is_within_half_a_point_of_autoattack_at_a_fraction_of_its_passes(
     model = load_classifier(digits_models[name], "small-cnn", InputSpec(1, 8, 8, 10)).eval()
     x, y = points
     threat = Threat("linf", eps)
-    full = build_attack("autoattack", CHEAP)
-    fast = build_attack("autoattack-fast", CHEAP)
+    # Each protocol as shipped (100 steps; Square 5000 and 1000 queries): the screen
+    # trusts margins after 100 steps of gradient ascent, and 20 steps leave points far
+    # by margin that Square still breaks.
+    full = build_attack("autoattack", {})
+    fast = build_attack("autoattack-fast", {})
     slow = full(model, x, y, threat, generator=seeded(0))
     quick = fast(model, x, y, threat, generator=seeded(0))
     clean = slow.clean_correct.float().mean().item()
@@ -109,3 +113,8 @@ def test_bad_fast_settings_are_one_clear_error():
         build_attack("autoattack-fast", {"screen": -1.0})
     with pytest.raises(GauntletError, match="`cheap_targets`"):
         build_attack("autoattack-fast", {"cheap_targets": 0})
+    with pytest.raises(GauntletError, match="`fab_targets`"):
+        build_attack("autoattack-fast", {"fab_targets": 0})
+    # Every target in the cheap stage: the expensive stage has no APGD-T left to run.
+    every = build_attack("autoattack-fast", {"cheap_targets": 9})
+    assert [m.name for m in every.expensive] == ["fab-t", "square"]

@@ -40,7 +40,7 @@ def test_a_composite_depends_on_its_members_and_a_procedure_on_its_kind():
     # The members of standard AutoAttack (Croce & Hein 2020): APGD-CE, APGD-T, FAB-T, Square.
     assert spec.versions() == {
         "kind": 1,
-        "attack": {"autoattack": 2, "apgd-ce": 1, "apgd-t": 1, "fab-t": 1, "square": 2},
+        "attack": {"autoattack": 2, "apgd-ce": 2, "apgd-t": 2, "fab-t": 1, "square": 2},
         "defense": {"jpeg": 1},
     }
     # AutoAttack's hyperparameter `version` ("standard") does not hide the code's version.
@@ -76,10 +76,11 @@ def test_keys_stay_until_a_version_the_job_runs_is_bumped(monkeypatch):
     assert fgsm.key == fgsm.evaluation_key and pgd.key == pgd_key
 
     # A member of autoattack: exactly the specs that run it change, and to distinct keys.
-    monkeypatch.setattr(ATTACKS["apgd-t"], "version", 2)
+    current = ATTACKS["apgd-t"].version
+    monkeypatch.setattr(ATTACKS["apgd-t"], "version", current + 1)
     changed = {s.attack for s in specs if s.key != before[s.evaluation_key]}
     assert changed == {"autoattack"}
-    monkeypatch.setattr(ATTACKS["apgd-t"], "version", 1)
+    monkeypatch.setattr(ATTACKS["apgd-t"], "version", current)
     assert {s.evaluation_key: s.key for s in specs} == before
 
     # A defense: only the evaluations behind it.

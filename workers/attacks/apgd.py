@@ -131,7 +131,9 @@ def apgd_restart(
     s = _Active(
         idx=idx, y=y[idx], target=t0, ball=ball, x=xa, x_prev=xa, grad=grad,
         eta=torch.full_like(loss, 2 * eps), loss=loss, best_loss=loss, best_x=xa,
-        best_grad=grad, best_at_check=loss, halved_at_check=no, increases=no.long(),
+        # "Halved" at the start, as in the official code: condition 2 first applies at
+        # the second checkpoint, so a slow first window is judged by condition 1 alone.
+        best_grad=grad, best_at_check=loss, halved_at_check=~no, increases=no.long(),
         group=None if group is None else group[idx],
     )  # fmt: skip
     marks, last_mark = set(checkpoints(steps)), 0
@@ -173,9 +175,9 @@ def apgd_restart(
             halve = oscillating | stalled
             s.eta = torch.where(halve, s.eta / 2, s.eta)
             h = _bc(halve, s.x)
-            # Restart from the best point, without momentum from the abandoned path.
+            # Restart from the best point. The previous iterate stays, so the next step's
+            # momentum points from it to the best point, as in the official code.
             s.x = torch.where(h, s.best_x, s.x)
-            s.x_prev = torch.where(h, s.best_x, s.x_prev)
             s.grad = torch.where(h, s.best_grad, s.grad)
             s.halved_at_check, s.best_at_check = halve, s.best_loss
             s.increases = torch.zeros_like(s.increases)
@@ -199,6 +201,9 @@ _LOSSES: dict[str, Loss] = {
 
 class _APGDBase(Attack):
     """Shared parameters; ``norm=None`` takes the norm from the threat."""
+
+    # 2: momentum across a restart and the first checkpoint as in the official code.
+    version = 2
 
     # ``rho``: the fraction of a window's steps that must raise the loss to keep the step.
     hyperparams = norm_and_steps(100, restarts=integer(1, 1, 100), rho=real(0.75, 0.0, 1.0))
@@ -257,6 +262,8 @@ class APGDT(_APGDBase):
     most likely wrong classes in turn (on points still robust). With fewer classes than
     that, every wrong class is a target. ``stack_rows`` > 0 runs several targets in one
     batch of at most that many rows (see ``stacking``); 0 runs one target at a time.
+    ``first_target`` > 1 skips the likeliest classes: ``autoattack-fast`` has attacked
+    those already on the same points.
     """
 
     name = "apgd-t"
@@ -265,7 +272,15 @@ class APGDT(_APGDBase):
         **_APGDBase.hyperparams,
         "n_target_classes": integer(9, 1, 1000),
         "stack_rows": integer(0, 0, 1_000_000),
+        "first_target": integer(1, 1, 1000),
     }
+
+    def prepare(self) -> None:
+        if self.first_target > self.n_target_classes:
+            raise GauntletError(
+                f"Expected `first_target` at most `n_target_classes` "
+                f"({self.n_target_classes}), but got {self.first_target}"
+            )
 
     def run(self, model, x, y, threat, generator) -> RunOutput:
         out = (x.clone(), torch.zeros(len(x), dtype=torch.bool, device=x.device), [])
@@ -276,7 +291,8 @@ class APGDT(_APGDBase):
         idx = torch.arange(len(x), device=x.device)
         loss_fn = _LOSSES["targeted-dlr"]
         # Rank 0 is the true class (run() only sees correctly classified points).
-        ranks = list(range(1, min(self.n_target_classes, ranked.shape[1] - 1) + 1))
+        last = min(self.n_target_classes, ranked.shape[1] - 1)
+        ranks = list(range(self.first_target, last + 1))
         while ranks and len(idx):
             k = chunk_size(len(idx), len(ranks), self.stack_rows)
             chunk, ranks = ranks[:k], ranks[k:]
