@@ -174,15 +174,9 @@ def stored(tmp_path, digits_models):
 @pytest.fixture(scope="module")
 def ray_local():
     """One local Ray per test module, with one logical GPU to test GPU placement."""
-    import ray
+    from tests.service_helpers import start_local_ray
 
-    ray.init(
-        num_cpus=2,
-        num_gpus=1,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    ray = start_local_ray(2, 1)
     yield ray
     ray.shutdown()
 

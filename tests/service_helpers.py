@@ -73,3 +73,17 @@ def pgd_spec(**spec) -> dict:
 
 def metric(result, name: str) -> float:
     return next(m.value for m in result.metrics if m.name == name)
+
+
+def start_local_ray(num_cpus: int, num_gpus: int):
+    """A quiet local Ray with ``num_gpus`` logical GPUs; the caller shuts it down."""
+    import ray
+
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    return ray

@@ -23,6 +23,7 @@ from gauntlet.scheduler.spec import JobSpec, Resources
 from gauntlet.scheduler.suites import parse_suite
 from gauntlet.workers.models import InputSpec
 from gauntlet.workers.task import run_job, run_spec
+from tests.service_helpers import start_local_ray
 
 pytestmark = pytest.mark.ray
 
@@ -33,15 +34,7 @@ N, BATCH = 96, 16
 @pytest.fixture(scope="module")
 def ray_gpus():
     """A local Ray with three logical GPUs: the job's own and two more for its shards."""
-    import ray
-
-    ray.init(
-        num_cpus=4,
-        num_gpus=3,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    ray = start_local_ray(4, 3)
     yield ray
     ray.shutdown()
 

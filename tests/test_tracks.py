@@ -12,7 +12,7 @@ from gauntlet.scheduler.boards.tracks import track_table
 from gauntlet.scheduler.cli import main
 from gauntlet.scheduler.executors import LocalExecutor, RayExecutor
 from gauntlet.scheduler.train import request_job
-from tests.service_helpers import make_app, submit_digits
+from tests.service_helpers import make_app, start_local_ray, submit_digits
 
 PATE = {"teachers": 4, "backdoored_teachers": 1, "epochs": 25, "student_epochs": 25}
 
@@ -25,15 +25,7 @@ def ray_warm():
     to start and import torch on a busy machine, so on a cold pool the teachers could
     run one after another by accident. Four CPUs keep four warm workers alive.
     """
-    import ray
-
-    ray.init(
-        num_cpus=4,
-        num_gpus=1,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    ray = start_local_ray(4, 1)
 
     @ray.remote(num_cpus=0)
     class Barrier:
