@@ -284,6 +284,20 @@ def test_board_credits_rejections_only_under_the_adaptive_attack(db_url):
     # non-adaptive column still credits none of the plain attack's rejections.
     assert (entry.robust_accuracy, entry.robust_non_adaptive) == (0.7, 0.5)
     assert entry.unreliable == [] and entry.rejecting
+    # Both boards say the entry may refuse to answer, with its clean rejection rate.
+    from rich.console import Console
+
+    from gauntlet.scheduler.cli.tables import leaderboard_tables
+    from gauntlet.scheduler.web.boards import leaderboard_html
+
+    console = Console(width=250, record=True)
+    for table in leaderboard_tables([entry]):
+        console.print(table)
+    text = console.export_text()
+    assert "dknn-net" in text and "[rejecting]" in text
+    assert "70.0% (rejects 10.0% clean)" in text
+    page = leaderboard_html([entry], {model_id: {"name": "dknn-net"}}, "rank", "asc", "/")
+    assert '<span class="flag">rejecting defense</span>' in page
     engine.dispose()
 
 

@@ -27,19 +27,25 @@ EVALUATIONS = f"[{PGD}}}, {PGD}, kind: calibration}}]"
 SUITE = f"n: 40\nseed: 3\neps: {{linf: {{default: 0.2}}}}\nevaluations: {EVALUATIONS}\n"
 
 
-@pytest.fixture
-def finished(tmp_path, digits_models):
-    """An app whose eval and calibration jobs of one suite ran to done."""
-    suite = tmp_path / "prov.yaml"
+def _run_suite(root, weights, **settings):
+    """An app under ``root`` whose eval and calibration jobs of one suite ran to done."""
+    suite = root / "prov.yaml"
+    root.mkdir(parents=True, exist_ok=True)
     suite.write_text(SUITE)
-    app = make_app(tmp_path / "home")
-    submit_digits(app, digits_models["standard"], suite=str(suite), name="standard")
+    app = make_app(root / "home", **settings)
+    submit_digits(app, weights, suite=str(suite), name="standard")
     stats = app.dispatcher(LocalExecutor()).run(drain=True)
     assert (stats.done, stats.failed) == (2, 0)
     jobs = {
         j["kind"]: lifecycle.get_job(app.engine, j["id"]) for j in lifecycle.list_jobs(app.engine)
     }
     return app, jobs
+
+
+@pytest.fixture
+def finished(tmp_path, digits_models):
+    """An app whose eval and calibration jobs of one suite ran to done."""
+    return _run_suite(tmp_path, digits_models["standard"])
 
 
 @pytest.fixture
@@ -117,6 +123,19 @@ def test_verify_refuses_what_it_cannot_rerun(finished, cli):
         )
     with pytest.raises(GauntletError, match="only a done job"):
         service.verify_job(app, jobs["eval"]["id"])
+
+
+def test_examples_not_kept_are_hashed_but_not_stored(finished, tmp_path, digits_models):
+    kept = finished[1]["eval"]["details"]["provenance"]
+    app, jobs = _run_suite(
+        tmp_path / "lean", digits_models["standard"], GAUNTLET_KEEP_ADVERSARIAL=0
+    )
+    record = jobs["eval"]["details"]["provenance"]
+    # The same points and seed make the same examples: the same hash, but no file.
+    assert record["adversarial_kept"] is False
+    assert record["adversarial_sha256"] == kept["adversarial_sha256"]
+    with pytest.raises(GauntletError, match="missing from the store"):
+        ArtifactStore(app.settings.artifacts).get(record["adversarial_sha256"])
 
 
 def test_keep_adversarial_setting():
