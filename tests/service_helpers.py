@@ -76,14 +76,12 @@ def metric(result, name: str) -> float:
 
 
 def start_local_ray(num_cpus: int, num_gpus: int):
-    """A quiet local Ray with ``num_gpus`` logical GPUs; the caller shuts it down."""
-    import ray
+    """A quiet local Ray with ``num_gpus`` logical GPUs, started as the scheduler starts
+    one; the caller shuts it down."""
+    from gauntlet.cluster.ray_conn import init_ray
+    from gauntlet.cluster.settings import Settings
 
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        include_dashboard=False,
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    ray = init_ray(Settings.from_env({}), num_cpus=num_cpus, num_gpus=num_gpus)
+    # A Ray left running by another test would have other resources than asked for.
+    assert ray.cluster_resources().get("CPU") == num_cpus, ray.cluster_resources()
     return ray
