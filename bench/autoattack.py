@@ -9,7 +9,7 @@ accuracy of each (target: ours within one example of the reference) and ours /
 reference wall time (target <= 0.8). Then ``autoattack-fast`` on the same points: its
 robust accuracy (target: within 0.5 points of ``autoattack``), time and time over
 ``autoattack``'s (target <= 0.25). Every time is the best of ``--repeat`` (2) runs,
-each with a fresh attack and the same seed, as timeit does: this machine's noise only
+each with a fresh attack and the same seed, as timeit does: other processes' load only
 ever adds time.
 """
 

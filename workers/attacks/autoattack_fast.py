@@ -24,19 +24,19 @@ from measurement: on the digits models APGD-T broke nearly every point that FAB-
 Square did not, and the points ``autoattack`` broke but this protocol missed were
 broken by APGD-T through a 4th or later target. So stage 1 covers four targets and
 FAB-T, the minimum-norm check against masked gradients, needs only the likeliest
-three. On a random model (EOT, or a
-randomized defense) there is no margin to trust, so the protocol runs ``autoattack``'s
-``rand`` version instead.
+three. The premise needs the full step count: after 20 steps some points far from the
+boundary by margin still fall to Square, so ``steps`` well below 100 weaken the screen.
+
+On a random model (EOT, or a randomized defense) there is no margin to trust, so the
+protocol runs ``autoattack``'s ``rand`` version instead.
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from gauntlet.workers.attacks.base import Attack, RunOutput
-from gauntlet.workers.attacks.ensemble import STACK_ROWS
+from gauntlet.workers.attacks.ensemble import STACK_ROWS, run_member
 from gauntlet.workers.attacks.layout import channels_last
 from gauntlet.workers.attacks.registry import build_attack, register_attack
 from gauntlet.workers.attacks.square import margin
@@ -120,10 +120,7 @@ class AutoAttackFast(Attack):
         idx = (where & ~fooled).nonzero().squeeze(1)
         if not len(idx):
             return
-        start = time.perf_counter()
-        out = member.run(model, x[idx], y[idx], threat, generator)
-        self.seconds[member.name] += time.perf_counter() - start
-        active.extend(out.active_per_step)
+        out = run_member(member, model, x, y, idx, threat, generator, self, active)
         broken = idx[out.fooled]
         # A robust point keeps the member's highest-loss attempt: the screen reads it.
         x_adv[idx] = out.x_adv

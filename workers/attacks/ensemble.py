@@ -44,6 +44,17 @@ def rand_members(steps: int, queries: int, targets: int) -> list[tuple[str, dict
 
 VERSIONS = {"standard": standard_members, "rand": rand_members}
 
+
+def run_member(member, model, x, y, idx, threat, generator, ensemble, active: list[int]):
+    """``member``'s output on the points ``idx``, its time added to ``ensemble.seconds``
+    and its active-example counts to ``active``."""
+    start = time.perf_counter()
+    out = member.run(model, x[idx], y[idx], threat, generator)
+    ensemble.seconds[member.name] += time.perf_counter() - start
+    active.extend(out.active_per_step)
+    return out
+
+
 # Draws per gradient in the "rand" version (the reference's ``eot_iter``).
 RAND_EOT_ITER = 20
 
@@ -93,10 +104,7 @@ class AutoAttack(Attack):
             idx = (~fooled).nonzero().squeeze(1)
             if not len(idx):
                 break
-            start = time.perf_counter()
-            out = member.run(model, x[idx], y[idx], threat, generator)
-            self.seconds[member.name] += time.perf_counter() - start
-            active_per_step.extend(out.active_per_step)
+            out = run_member(member, model, x, y, idx, threat, generator, self, active_per_step)
             if out.queries is not None:
                 queries[idx] += out.queries.to(queries.device, torch.int64)
             broken = idx[out.fooled]
