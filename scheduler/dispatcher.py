@@ -27,6 +27,13 @@ renewed through whichever service is up. A probe with a capped back-off ends the
 outage; after Redis comes back (perhaps empty) the scheduler repairs the stream at once.
 Time limits (``deadlines``) and a cancel by an operator (the row is no longer ours at
 the next renewal) both stop the task.
+
+Batches: the SQL and Redis work of a job costs about as much per statement as per
+batch, so the loop gathers work before it pays. Once a task finishes it lingers (at
+most ``linger_s``) for more to finish, so their results share one transaction and one
+acknowledgement; and it refills free slots a batch at a time (a quarter of
+``max_in_flight``), unless a slot has been free for ``linger_s``, so a cluster of long
+jobs never waits more than that for its next one.
 """
 
 from __future__ import annotations
@@ -86,6 +93,7 @@ class Dispatcher:
         max_job_seconds: float | None = None,
         reconnect_seconds: tuple[float, float] = (0.1, 5.0),
         followups: bool = False,  # queue follow-ups of flagged results (scheduler.followups)
+        linger_s: float = 0.02,
     ):
         self.followups = followups
         self.engine = engine
@@ -94,6 +102,9 @@ class Dispatcher:
         self.payload_base = payload_base
         self.lease_seconds = lease_seconds
         self.max_in_flight = max_in_flight
+        self.batch = max(1, max_in_flight // 4)
+        self.linger_s = linger_s
+        self._free_since: float | None = None  # when a slot went free that is still free
         self.consumer = consumer or consumer_name()
         self.progress_prefix = progress_prefix
         self.on_event = on_event
@@ -174,14 +185,35 @@ class Dispatcher:
         self.running[handle.job_id] = _Running(handle, entry, attempt, limit_s=limit)
         self.event("started", handle.job_id, f"attempt {attempt}")
 
+    def _worth_reading(self) -> bool:
+        """Whether free slots should be filled now: a batch of them, or none running,
+        or a slot that has waited ``linger_s`` for others to free up."""
+        if self.capacity == 0:
+            self._free_since = None
+            return False
+        if self.capacity >= self.batch or not self.running:
+            return True
+        now = time.monotonic()
+        if self._free_since is None:
+            self._free_since = now
+        return now - self._free_since >= self.linger_s
+
+    def _collect_timeout(self, poll_seconds: float) -> float:
+        """How long to wait on tasks: no later than a free slot's linger ends."""
+        if self._free_since is None:
+            return poll_seconds
+        left = self.linger_s - (time.monotonic() - self._free_since)
+        return min(poll_seconds, max(0.0, left))
+
     def fill(self, block_ms: int = 0) -> int:
         """Read new entries up to capacity; returns how many were delivered."""
         for entry_id in list(self._deferred):
             if self.capacity == 0 or not self.links.up(REDIS, DATABASE):
                 return 0
             self.handle_entry(self._deferred.pop(entry_id))
-        if self.capacity == 0 or not self.links.up(REDIS, DATABASE):
+        if not self._worth_reading() or not self.links.up(REDIS, DATABASE):
             return 0
+        self._free_since = None
         entries = self._try(self.queue.read, self.consumer, self.capacity, block_ms) or []
         taking.handle_entries(self, entries)
         return len(entries)
@@ -201,6 +233,10 @@ class Dispatcher:
     def collect(self, timeout: float) -> int:
         handles = [r.handle for r in self.running.values()]
         ready = self.executor.ready(handles, timeout)
+        want = min(self.batch, len(handles))
+        if ready and len(ready) < want:
+            # Small jobs finish in bursts: a moment's wait lets their writes share a batch.
+            ready = self.executor.ready(handles, self.linger_s, count=want)
         for handle in ready:
             running = self.running.pop(handle.job_id)
             self.writes.owe(running.entry, running.attempt, self.executor.outcome(handle))
@@ -323,7 +359,7 @@ class Dispatcher:
             idle = not self.running and not self.links.down()
             self.fill(block_ms=int(poll_seconds * 1000) if idle else 0)
             if self.running:
-                self.collect(timeout=poll_seconds)
+                self.collect(timeout=self._collect_timeout(poll_seconds))
                 self.check_deadlines()
             elif self.links.down():
                 time.sleep(min(poll_seconds, max(0.01, self.links.next_probe_in())))

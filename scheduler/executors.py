@@ -16,6 +16,7 @@ thread takes the next job, so one job past its limit never holds up the rest.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,7 +36,9 @@ class Executor(Protocol):
         self, job_id: int, payload: dict, num_gpus: float, memory_mb: int | None
     ) -> Handle: ...
 
-    def ready(self, handles: list[Handle], timeout: float) -> list[Handle]: ...
+    def ready(self, handles: list[Handle], timeout: float, count: int = 1) -> list[Handle]:
+        """Every finished handle, once ``count`` of them are (or ``timeout`` passed)."""
+        ...
 
     def outcome(self, handle: Handle) -> JobResult | JobFailure: ...
 
@@ -99,9 +102,12 @@ class LocalExecutor:
             self._done.notify_all()
         return Handle(job_id, run)
 
-    def ready(self, handles, timeout):
+    def ready(self, handles, timeout, count=1):
+        def enough() -> bool:
+            return sum(h.ref.finished.is_set() for h in handles) >= min(count, len(handles))
+
         with self._done:
-            self._done.wait_for(lambda: any(h.ref.finished.is_set() for h in handles), timeout)
+            self._done.wait_for(enough, timeout)
         return [h for h in handles if h.ref.finished.is_set()]
 
     def outcome(self, handle):
@@ -153,16 +159,21 @@ class RayExecutor:
     def submit(self, job_id, payload, num_gpus, memory_mb):
         if self.transport == "ray":
             payload = dict(payload, artifacts=self._artifacts_address(payload["artifacts"]))
+        return Handle(job_id, self._shaped(num_gpus, memory_mb).remote(payload))
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one executor per scheduler, kept
+    def _shaped(self, num_gpus: float, memory_mb: int | None):
+        """The task function with these resources (Ray builds a class per ``options``)."""
         options: dict = {"num_gpus": num_gpus}
         if memory_mb:
             options["memory"] = int(memory_mb) * 1024 * 1024
-        return Handle(job_id, self._remote.options(**options).remote(payload))
+        return self._remote.options(**options)
 
-    def ready(self, handles, timeout):
+    def ready(self, handles, timeout, count=1):
         if not handles:
             return []
         refs = [h.ref for h in handles]
-        done, _ = self._ray.wait(refs, num_returns=1, timeout=timeout)
+        done, _ = self._ray.wait(refs, num_returns=min(count, len(refs)), timeout=timeout)
         # Collect everything already finished, not just the first, in one more cheap call.
         if done:
             done, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)

@@ -107,7 +107,7 @@ class WriteBack:
         path, where the result that caused it fails alone.
         """
         batch = [o for o in owed if self._plain(o)]
-        if len(batch) < 2:
+        if not batch:
             return owed
         triples = [(o.entry.job_id, o.attempt, o.outcome) for o in batch]
         try:

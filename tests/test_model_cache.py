@@ -44,3 +44,48 @@ def test_the_cache_keeps_only_the_latest_networks():
     model_cache.cached_network(("sha", 0), lambda: made.append("again") or torch.nn.Linear(1, 1))
     model_cache.cached_network(("sha", model_cache.MAX_MODELS + 1), lambda: made.append("no"))
     assert made == [*range(model_cache.MAX_MODELS + 2), "again"]
+
+
+class _Tied(torch.nn.Module):
+    """One submodule used twice and a plain tensor attribute: deepcopy keeps the tie."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 3)
+        self.b = self.a
+        self.scale = torch.ones(3)
+
+
+class _Custom(torch.nn.Linear):
+    def __deepcopy__(self, memo):
+        copied = torch.nn.Linear(self.in_features, self.out_features)
+        copied.load_state_dict(self.state_dict())
+        copied.custom_copy = True
+        return copied
+
+
+def test_fresh_copy_matches_deepcopy_and_shares_nothing():
+    from gauntlet.workers.architectures import build_architecture
+    from gauntlet.workers.models import InputSpec, Normalized
+
+    spec = InputSpec(3, 32, 32, 10)
+    net = Normalized(build_architecture("preact-resnet18", spec), spec).eval()
+    net.net.register_forward_hook(lambda *args: None)  # a hook the template carries
+    copied = model_cache.fresh_copy(net)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(copied(x), net(x))
+    assert [type(m) for m in copied.modules()] == [type(m) for m in net.modules()]
+    assert len(copied.net._forward_hooks) == 1
+    for a, b in zip(net.state_dict().values(), copied.state_dict().values(), strict=True):
+        assert a.data_ptr() != b.data_ptr()
+    copied.net.register_forward_hook(lambda *args: None)
+    assert len(net.net._forward_hooks) == 1  # the template's tables are its own
+    copied.train()
+    assert not net.training and not net.net.training
+
+    original = _Tied()
+    tied = model_cache.fresh_copy(original)
+    assert tied.a is tied.b and tied.a is not original.a
+    assert torch.equal(tied.scale, original.scale) and tied.scale is not original.scale
+    custom = model_cache.fresh_copy(torch.nn.Sequential(_Custom(2, 2)))
+    assert getattr(custom[0], "custom_copy", False)  # its own __deepcopy__ was used

@@ -79,9 +79,11 @@ def plan(ctx, attack) -> list[tuple[int, int]] | None:
     n, batch_size = len(ctx.eval_data[0]), ctx.batch_size
     size = spec.get("shard_size")
     if size is None:
+        if n < MIN_BATCHES * batch_size:
+            return None  # before asking the cluster, which costs more than a small job
         ray = _ray_worker()
         gpus = cluster_gpus(ray) if ray else 0
-        if gpus < 2 or n < MIN_BATCHES * batch_size:
+        if gpus < 2:
             return None
         size = math.ceil(n / int(gpus))
     size = math.ceil(int(size) / batch_size) * batch_size
