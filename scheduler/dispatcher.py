@@ -104,7 +104,10 @@ class Dispatcher:
         self.max_in_flight = max_in_flight
         self.batch = max(1, max_in_flight // 4)
         self.linger_s = linger_s
-        self._free_since: float | None = None  # when a slot went free that is still free
+        # When free slots, fewer than a batch, are read: a linger after the first went
+        # free, or a poll period after a read that found the stream empty.
+        self._read_due: float | None = None
+        self._poll_seconds = 0.2  # the loop's, set by ``run``
         self.consumer = consumer or consumer_name()
         self.progress_prefix = progress_prefix
         self.on_event = on_event
@@ -187,23 +190,22 @@ class Dispatcher:
 
     def _worth_reading(self) -> bool:
         """Whether free slots should be filled now: a batch of them, or none running,
-        or a slot that has waited ``linger_s`` for others to free up."""
+        or a slot that has waited its linger for others to free up."""
         if self.capacity == 0:
-            self._free_since = None
+            self._read_due = None
             return False
         if self.capacity >= self.batch or not self.running:
             return True
         now = time.monotonic()
-        if self._free_since is None:
-            self._free_since = now
-        return now - self._free_since >= self.linger_s
+        if self._read_due is None:
+            self._read_due = now + self.linger_s
+        return now >= self._read_due
 
     def _collect_timeout(self, poll_seconds: float) -> float:
-        """How long to wait on tasks: no later than a free slot's linger ends."""
-        if self._free_since is None:
+        """How long to wait on tasks: no later than the free slots' read is due."""
+        if self._read_due is None:
             return poll_seconds
-        left = self.linger_s - (time.monotonic() - self._free_since)
-        return min(poll_seconds, max(0.0, left))
+        return min(poll_seconds, max(0.0, self._read_due - time.monotonic()))
 
     def fill(self, block_ms: int = 0) -> int:
         """Read new entries up to capacity; returns how many were delivered."""
@@ -213,8 +215,11 @@ class Dispatcher:
             self.handle_entry(self._deferred.pop(entry_id))
         if not self._worth_reading() or not self.links.up(REDIS, DATABASE):
             return 0
-        self._free_since = None
-        entries = self._try(self.queue.read, self.consumer, self.capacity, block_ms) or []
+        asked = self.capacity
+        entries = self._try(self.queue.read, self.consumer, asked, block_ms) or []
+        # A short read found the stream empty: ask again a poll period on, not a linger.
+        short = len(entries) < asked
+        self._read_due = time.monotonic() + self._poll_seconds if short else None
         taking.handle_entries(self, entries)
         return len(entries)
 
@@ -345,6 +350,7 @@ class Dispatcher:
         beat_every = max(0.05, self.lease_seconds / 3)
         # Waiting on tasks must leave room for heartbeats well inside the lease.
         poll_seconds = min(poll_seconds, beat_every / 2)
+        self._poll_seconds = poll_seconds
         last_reap = last_beat = 0.0
         self.reconcile(force=True)  # entries lost while no scheduler ran
         while True:

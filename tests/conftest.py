@@ -148,15 +148,17 @@ def digits_models(tmp_path_factory):
     return train_digits_models(tmp_path_factory.mktemp("models"))
 
 
-def stored_model(store: Path, weights: Path) -> tuple[dict, str]:
+def stored_model(
+    store: Path, weights: Path, *, id: str = "m" * 64, name: str = "standard"
+) -> tuple[dict, str]:
     """(model row, store path): ``weights`` put in an artifact store at ``store``."""
     from gauntlet.cluster.artifacts import ArtifactStore
     from gauntlet.workers.models import InputSpec
 
     sha = ArtifactStore(store).put_file(weights)
     model = {
-        "id": "m" * 64,
-        "name": "standard",
+        "id": id,
+        "name": name,
         "arch": "small-cnn",
         "dataset": "digits",
         "input_spec": InputSpec(1, 8, 8, 10).to_dict(),
