@@ -88,7 +88,7 @@ _FINISH = (
     )
 )
 # The jobs of a batch that ``_FINISH`` itself marked done.
-_FINISHED_NOW = sa.select(_JOBS.c.id, _JOBS.c.attempts).where(
+_FINISHED_NOW = sa.select(_JOBS.c.id).where(
     _JOBS.c.id.in_(sa.bindparam("ids", expanding=True)),
     _JOBS.c.status == JobStatus.done,
     _JOBS.c.lease_owner == sa.bindparam("owner"),
@@ -171,19 +171,14 @@ def finish_many(
     with engine.begin() as conn:
         # Every fenced UPDATE in one executemany. The count says whether every fence
         # held (the usual case); if not, the rows that were ours are the ones this very
-        # statement marked done (owner, attempt and this ``now``).
+        # statement marked done: nothing else writes our owner with this ``now``.
         if conn.execute(_FINISH, rows).rowcount == len(rows):
             stored = [(job_id, result) for job_id, _, result in results]
         else:
-            attempts = {job_id: attempt for job_id, attempt, _ in results}
             held = set()
-            for part in _chunks(list(attempts)):
+            for part in _chunks([job_id for job_id, _, _ in results]):
                 params = {"ids": part, "owner": owner, "now": now}
-                held |= {
-                    row.id
-                    for row in conn.execute(_FINISHED_NOW, params)
-                    if row.attempts == attempts[row.id]
-                }
+                held.update(conn.execute(_FINISHED_NOW, params).scalars())
             stored = [(job_id, result) for job_id, _, result in results if job_id in held]
         ids = [job_id for job_id, _ in stored]
         for part in _chunks(ids):

@@ -16,7 +16,6 @@ thread takes the next job, so one job past its limit never holds up the rest.
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -145,6 +144,7 @@ class RayExecutor:
         self._ray = ray
         # Retries are ours (counted in Redis, visible in SQL), not Ray's.
         self._remote = ray.remote(max_retries=0)(run_job)
+        self._shapes: dict[tuple, object] = {}  # (num_gpus, memory_mb) -> shaped task
         self.transport = transport
         self._server = None  # (the scheduler's store path, its address, the actor's handle)
 
@@ -161,13 +161,16 @@ class RayExecutor:
             payload = dict(payload, artifacts=self._artifacts_address(payload["artifacts"]))
         return Handle(job_id, self._shaped(num_gpus, memory_mb).remote(payload))
 
-    @functools.lru_cache(maxsize=64)  # noqa: B019 - one executor per scheduler, kept
     def _shaped(self, num_gpus: float, memory_mb: int | None):
-        """The task function with these resources (Ray builds a class per ``options``)."""
-        options: dict = {"num_gpus": num_gpus}
-        if memory_mb:
-            options["memory"] = int(memory_mb) * 1024 * 1024
-        return self._remote.options(**options)
+        """The task function with these resources, made once per shape: Ray builds a
+        class on every ``options`` call, which costs more than submitting a small job."""
+        key = (num_gpus, memory_mb)
+        if key not in self._shapes:
+            options: dict = {"num_gpus": num_gpus}
+            if memory_mb:
+                options["memory"] = int(memory_mb) * 1024 * 1024
+            self._shapes[key] = self._remote.options(**options)
+        return self._shapes[key]
 
     def ready(self, handles, timeout, count=1):
         if not handles:
