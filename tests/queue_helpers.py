@@ -28,10 +28,22 @@ def missing(what: str) -> None:
     pytest.skip(f"{what} is missing")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now and never handed out before in this process.
+
+    The kernel may give the same ephemeral port to two binds in a row once the
+    first socket is closed; a Ray node started with the same port for two of its
+    components refuses to start, so each port goes out once."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 @pytest.fixture
