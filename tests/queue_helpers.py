@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -29,21 +30,29 @@ def missing(what: str) -> None:
 
 
 _HANDED_OUT: set[int] = set()
+# Below the kernel's ephemeral range (32768 up on Linux), where every bind to port 0 lands,
+# Ray's randomly placed components among them, and above Ray's worker ports (10002-19999).
+_PORTS = range(20_000, 32_768)
 
 
 def free_port() -> int:
     """A port free now and never handed out before in this process.
 
-    The kernel may give the same ephemeral port to two binds in a row once the
-    first socket is closed; a Ray node started with the same port for two of its
-    components refuses to start, so each port goes out once."""
+    Two binds to port 0 in a row may get the same port once the first socket is closed,
+    and a Ray node given one port for two components refuses to start; a port from
+    outside the ephemeral range also cannot be taken by a process binding to port 0
+    between this call and the caller's bind."""
     while True:
+        port = random.choice(_PORTS)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 @pytest.fixture
