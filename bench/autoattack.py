@@ -132,7 +132,10 @@ def main() -> None:
 
     fast, result, fast_time = best_of("autoattack-fast", {"steps": args.steps})
     fast_acc = result.robust.float().mean().item()
-    print(f"  {fast!r}; points broken {fast.breakdown}; screened {fast.screened}")
+    print(
+        f"  {fast!r}; points broken {fast.breakdown}; screened {fast.screened}; "
+        f"suspect {fast.suspect}; batches found masked {fast.masked}"
+    )
     print(f"  seconds per member: { ({k: round(v, 1) for k, v in fast.seconds.items()}) }")
     print(
         f"  autoattack-fast: robust accuracy {fast_acc:.4f} "

@@ -81,11 +81,19 @@ def _as_task(ray, spec: dict, model: dict, store: str, data_root: str, job_id: i
     return ray.remote(max_retries=0)(run_job).options(num_gpus=1).remote(payload)
 
 
-def _same_result(sharded, whole, shards: int) -> None:
-    assert sharded.metrics == whole.metrics
+def _same_result(sharded, whole, shards: int, *, same_bytes: bool = True) -> None:
+    """``same_bytes=False`` holds the outcomes and counts exact, the float metrics to
+    1e-6 and leaves the adversarial examples' hash out (see the AutoAttack test)."""
+    if same_bytes:
+        assert sharded.metrics == whole.metrics
+        adv = [r.details["provenance"]["adversarial_sha256"] for r in (sharded, whole)]
+        assert adv[0] == adv[1]
+    else:
+        assert [(m.name, m.n) for m in sharded.metrics] == [(m.name, m.n) for m in whole.metrics]
+        assert [m.value for m in sharded.metrics] == pytest.approx(
+            [m.value for m in whole.metrics], rel=1e-6
+        )
     assert (sharded.clean, sharded.robust, sharded.n) == (whole.clean, whole.robust, whole.n)
-    adv = [r.details["provenance"]["adversarial_sha256"] for r in (sharded, whole)]
-    assert adv[0] == adv[1]
     skip = {"provenance", "shards", "ray_node"}
     assert {k: v for k, v in sharded.details.items() if k not in skip} == {
         k: v for k, v in whole.details.items() if k not in skip
@@ -136,7 +144,11 @@ def test_autoattack_shards_merge_with_their_breakdown(tmp_path, robust_model, ra
     assert sum(whole.details["breakdown"].values()) > 0
     spec = _spec("autoattack", params, shard_size=32)
     sharded = ray_gpus.get(_as_task(ray_gpus, spec, model, store, str(tmp_path), 2))
-    _same_result(sharded, whole, 3)  # the breakdown counts too, summed over the shards
+    # The breakdown counts too, summed over the shards. Not the same bytes: FAB-T and
+    # Square run on the rows a batch still has robust, and on another CPU (a CI run) one
+    # adversarial example came out an ulp apart between the Ray worker and this process
+    # (mean L2 3e-9 apart) while every outcome and count agreed.
+    _same_result(sharded, whole, 3, same_bytes=False)
 
 
 def _kill_when_checkpointed(store, name: str, title: str, killed: list) -> None:

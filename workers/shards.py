@@ -141,6 +141,7 @@ def _attack_shard(ctx, pieces, job: dict, progress=None) -> dict:
         "queries": None if result.queries is None else result.queries.cpu(),
         "grad_evals": result.grad_evals,
         "breakdown": dict(counts) if isinstance(counts, dict) else None,
+        "masked": int(getattr(attack, "masked", 0)),  # batches autoattack-fast found masked
         "resumed_from": resumed,
     }
 
@@ -273,6 +274,8 @@ def _merge(values: list[dict], attack) -> tuple[AttackResult, torch.Tensor, torc
             for name, count in (value["breakdown"] or {}).items():
                 total[name] = total.get(name, 0) + int(count)
         attack.breakdown = total
+    if hasattr(attack, "masked"):
+        attack.masked = sum(int(v.get("masked", 0)) for v in values)
     result = AttackResult(
         x_adv=torch.cat([v["x_adv"] for v in values]),
         clean_correct=torch.cat([v["clean"] for v in values]),

@@ -49,6 +49,17 @@ def model_flags(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> lis
     return flags
 
 
+def attack_flags(attack) -> list[str]:
+    """Flags an attack raised while it ran: ``autoattack-fast``'s probe finding that a
+    100-query random search beat 100 gradient steps on most points of a batch."""
+    if getattr(attack, "masked", 0):
+        return [
+            f"a black-box probe beat the gradient members on most points in {attack.masked} "
+            "batch(es) (gradient masking): the full AutoAttack members ran there"
+        ]
+    return []
+
+
 def curve_flags(eps: list[float], robust: list[float], threshold: float = 0.05) -> list[str]:
     """A robustness curve should reach (near) zero at its largest budget."""
     if eps and robust[-1] > threshold:

@@ -234,6 +234,7 @@ def run(ctx: JobContext) -> JobResult:
     else:
         result, rejected, per_draw = attack_all(threat, ctx.checkpoint, ctx.progress)
     ctx.adversarial = result.x_adv
+    flags.extend(reliability.attack_flags(attack))
     metrics = attack_metrics(x, result)
     details = {
         "attack_config": repr(attack),
