@@ -18,8 +18,9 @@ from gauntlet.workers.attacks import ATTACKS, Threat, build_attack
 from gauntlet.workers.datasets import eval_subset
 from gauntlet.workers.defenses import build_defense
 from gauntlet.workers.models import InputSpec, load_classifier
+from gauntlet.workers.task import run_spec as evaluate
 from tests.attack_helpers import seeded
-from tests.service_helpers import make_app, run_eval, submit_digits
+from tests.service_helpers import make_app, pgd_spec, submit_digits
 
 # Cheap settings, the same for both protocols, where only the screen's mechanics are
 # tested: 20 steps, 500 Square queries.
@@ -117,13 +118,34 @@ def test_the_probe_sees_through_masked_gradients(digits_models, points):
     assert blind - slow.robust.sum() > 0.1 * len(y)
 
 
-def test_an_eval_job_flags_the_batches_the_probe_found_masked(stored):
-    """The job says why it spent ``autoattack``'s budget: a reliability flag."""
-    spec = {"attack": "autoattack-fast", "params": {}, "batch_size": 20}
-    masked = run_eval(stored, n=40, defense="bit-depth", adaptive=False, **spec)
+def test_an_eval_job_flags_the_batches_the_probe_found_masked_across_a_resume(stored):
+    """The job says why it spent ``autoattack``'s budget: a reliability flag. Killed
+    after its first batch and resumed, it still counts both batches, and the points
+    each member broke, from its checkpoint."""
+    model, store = stored
+    spec = pgd_spec(
+        attack="autoattack-fast",
+        params={},
+        n=40,
+        batch_size=20,
+        defense="bit-depth",
+        adaptive=False,
+    )
+    whole = evaluate(spec, model, artifacts=store, data_root="")
     assert "a black-box probe beat the gradient members on most points in 2 batch(es)" in (
-        " ".join(masked.details["flags"])
-    ), masked.details["flags"]
+        " ".join(whole.details["flags"])
+    ), whole.details["flags"]
+
+    def dies_after_one_batch(done, total):
+        raise RuntimeError("worker lost")
+
+    resume = {"artifacts": store, "data_root": "", "checkpoint_name": "job-3"}
+    with pytest.raises(RuntimeError):
+        evaluate(spec, model, progress=dies_after_one_batch, **resume)
+    again = evaluate(spec, model, **resume)
+    assert again.details["flags"] == whole.details["flags"]
+    assert again.details["breakdown"] == whole.details["breakdown"]
+    assert sum(whole.details["breakdown"].values()) > 0
 
 
 def test_nightly_fast_reruns_stale_models_in_full_and_current_ones_fast(

@@ -30,7 +30,7 @@ import time
 import torch
 
 from gauntlet.cluster.errors import GauntletError
-from gauntlet.workers.attacks import AttackResult
+from gauntlet.workers.attacks import AttackResult, tallies
 from gauntlet.workers.checkpoint import Checkpoint
 from gauntlet.workers.fanout import _DEADLINE, _cancel_late, _past_deadline, _recorded
 
@@ -131,7 +131,6 @@ def _attack_shard(ctx, pieces, job: dict, progress=None) -> dict:
         k=k,
         offset=start,
     )
-    counts = getattr(attack, "breakdown", None)
     return {
         "x_adv": result.x_adv.detach().cpu(),
         "clean": result.clean_correct.cpu(),
@@ -140,8 +139,7 @@ def _attack_shard(ctx, pieces, job: dict, progress=None) -> dict:
         "draws": per_draw,
         "queries": None if result.queries is None else result.queries.cpu(),
         "grad_evals": result.grad_evals,
-        "breakdown": dict(counts) if isinstance(counts, dict) else None,
-        "masked": int(getattr(attack, "masked", 0)),  # batches autoattack-fast found masked
+        "tallies": tallies.counts(attack),
         "resumed_from": resumed,
     }
 
@@ -266,16 +264,9 @@ def _merge(values: list[dict], attack) -> tuple[AttackResult, torch.Tensor, torc
                 for q, s in zip(queries, sizes, strict=True)
             ]
         )
-    if isinstance(getattr(attack, "breakdown", None), dict):
-        # The job reports the whole run's counts, which the parent's attack object only
-        # saw a shard of.
-        total: dict[str, int] = {}
-        for value in values:
-            for name, count in (value["breakdown"] or {}).items():
-                total[name] = total.get(name, 0) + int(count)
-        attack.breakdown = total
-    if hasattr(attack, "masked"):
-        attack.masked = sum(int(v.get("masked", 0)) for v in values)
+    # The job reports the whole run's counts, which the parent's attack object only saw
+    # a shard of.
+    tallies.restore(attack, tallies.total([v["tallies"] for v in values]))
     result = AttackResult(
         x_adv=torch.cat([v["x_adv"] for v in values]),
         clean_correct=torch.cat([v["clean"] for v in values]),

@@ -147,7 +147,8 @@ class AutoAttackFast(Attack):
         members = self.expensive
         if self.probe is not None:
             probed = int((~fooled).sum())
-            suspect = self._probe(model, x, y, threat, generator, closest * spread, x_adv, fooled)
+            reached = closest * spread
+            suspect = self._probe(model, x, y, threat, generator, reached, x_adv, fooled, active)
             self.suspect += int(suspect.sum())
             if probed >= _MIN_PROBED and suspect.sum() > self.masked_share * probed:
                 self.masked += 1
@@ -160,14 +161,14 @@ class AutoAttackFast(Attack):
             close &= ~fooled
         return RunOutput(x_adv, fooled, active)
 
-    def _probe(self, model, x, y, threat, generator, reached, x_adv, fooled) -> torch.Tensor:
+    def _probe(self, model, x, y, threat, generator, reached, x_adv, fooled, active):
         """Square's probe on the points still robust: those it breaks, or brings below
         the margin ``reached`` by the gradient members, are suspect (returned)."""
         suspect = torch.zeros_like(fooled)
         idx = (~fooled).nonzero().squeeze(1)
         if not len(idx):
             return suspect
-        out = run_member(self.probe, model, x, y, idx, threat, generator, self, [])
+        out = run_member(self.probe, model, x, y, idx, threat, generator, self, active)
         broken = idx[out.fooled]
         x_adv[broken] = out.x_adv[out.fooled]
         fooled[broken] = True

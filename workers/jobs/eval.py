@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gauntlet.workers import gpu, results, shards
-from gauntlet.workers.attacks import AttackResult, Threat, build_attack
+from gauntlet.workers.attacks import AttackResult, Threat, build_attack, tallies
 from gauntlet.workers.attacks import flags as reliability
 from gauntlet.workers.attacks.dknn_adaptive import against_rejection
 from gauntlet.workers.attacks.metrics import attack_metrics
@@ -112,12 +112,9 @@ def run_chunks(
             "queries": torch.zeros(n, dtype=torch.int64),
             "grad_evals": torch.tensor(0),
         }
-    # An ensemble's per-member counts (fixed names) are saved too, so a resumed run
-    # reports the points broken before the interruption as well.
-    counts = getattr(attack, "breakdown", None)
-    counts = counts if isinstance(counts, dict) and counts else None
-    if counts is not None and "breakdown" in state and len(state["breakdown"]) == len(counts):
-        counts.update(dict(zip(list(counts), state["breakdown"].tolist(), strict=True)))
+    # The attack's counts are saved too, so a resumed run reports the batches before
+    # the interruption as well.
+    tallies.from_state(attack, state)
     black_box = False
     for start in range(int(state["done"]), n, batch_size):
         sl = slice(start, start + batch_size)
@@ -147,8 +144,7 @@ def run_chunks(
             state["queries"][sl] = part.queries.cpu()
         state["grad_evals"] = state["grad_evals"] + part.grad_evals
         state["done"] = torch.tensor(min(start + batch_size, n))
-        if counts is not None:
-            state["breakdown"] = torch.tensor(list(counts.values()), dtype=torch.int64)
+        state.update(tallies.to_state(attack))
         if checkpoint:
             checkpoint.save(state)
         if progress:
