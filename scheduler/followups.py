@@ -4,8 +4,11 @@ When an eval result is stored with a warning sign of gradient masking (Athalye e
 2018; Carlini et al. 2019), a number from that job alone cannot be trusted, and the
 evaluations that would expose the masking are known:
 
-- zero or NaN gradients: BPDA (the adaptive variant, for a defense run non-adaptively),
-  a transfer attack from a surrogate model, and Square with a larger query budget;
+- zero or NaN gradients, or ``autoattack-fast``'s probe (a 100-query random search
+  beating 100 gradient steps on most points of a batch, which also catches gradients
+  that are not zero but useless): BPDA (the adaptive variant, for a defense run
+  non-adaptively), a transfer attack from a surrogate model, and Square with a larger
+  query budget;
 - randomized output: EOT over more samples (behind a random defense);
 - a black-box attack beating every white-box one (the leaderboard's check, on the
   job's entry): Square with a larger budget and a transfer attack.
@@ -40,6 +43,11 @@ QUERY_FACTOR = 4  # Square's budget: this many times the largest one run so far
 EOT_FACTOR = 4  # EOT samples: this many times the flagged job's
 DEFAULT_QUERIES = 5000  # Square's own default budget
 MAX_EOT = 1000  # JobSpec's bound
+# The signs of masked gradients a result's flags can carry: (reason, flag text, why).
+MASKING_SIGNS = (
+    ("masked", ("gradients are zero", "gradients contain NaN"), "gradients are zero or NaN"),
+    ("probe", ("a black-box probe beat",), "a black-box probe beat the gradient members"),
+)
 
 
 def after_result(engine, queue: JobQueue, job_id: int, followups: bool) -> str | None:
@@ -80,8 +88,7 @@ def triggers(engine, job: dict) -> list[str]:
     cls = ATTACKS[job["attack"]] if job["attack"] in ATTACKS else None
     white = cls is not None and not cls.black_box
     if white and not (spec.get("source_model") or spec.get("source_ensemble")):
-        if "gradients are zero" in flags or "gradients contain NaN" in flags:
-            found.append("masked")
+        found += [reason for reason, texts, _ in MASKING_SIGNS if any(t in flags for t in texts)]
         if "randomized output" in flags:
             found.append("randomized")
     if _black_box_wins(engine, job):
@@ -121,8 +128,9 @@ def plan(engine, job: dict, reasons: list[str]) -> list[tuple[JobSpec, str]]:
     base = replace(base, eps_sweep=[])  # one budget: the flagged one
     planned: list[tuple[JobSpec, str]] = []
     surrogate = _surrogate(engine, job)
-    if "masked" in reasons:
-        why = "gradients are zero or NaN"
+    signs = [why for reason, _, why in MASKING_SIGNS if reason in reasons]
+    if signs:
+        why = ", and ".join(signs)  # one set of follow-ups, whatever showed the masking
         if base.defense is not None and not base.adaptive:
             planned.append((replace(base, adaptive=True), f"{why}: BPDA through the defense"))
         planned += _transfer(base, surrogate, why)

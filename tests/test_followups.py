@@ -123,3 +123,45 @@ def test_randomized_defense_gets_an_eot_follow_up(tmp_path, digits_models):
         "why": "randomized output: EOT over 20 samples",
     }
     assert "eot-20" in eot["details"]["adaptations"]
+
+
+def test_the_fast_protocols_probe_flag_queues_the_masking_follow_ups(tmp_path, digits_models):
+    """autoattack-fast behind bit-depth rounding, run non-adaptively: its probe finds the
+    gradients masked, and that flag, like a zero gradient, queues BPDA and a larger
+    Square, each saying what showed the masking."""
+    app = make_app(tmp_path / "home", GAUNTLET_FOLLOWUPS=1)
+    suite = tmp_path / "fast.yaml"
+    suite.write_text(
+        "n: 40\neps: {linf: {default: 0.2}}\n"
+        "defenses: [{name: bit-depth, params: {bits: 3}}]\nevaluations:\n"
+        "  - {attack: autoattack-fast, norm: linf, adaptive: false}\n"
+    )
+    _submit(app, digits_models["robust"], str(suite), "fast")
+
+    def fast_done() -> bool:
+        done = lifecycle.list_jobs(app.engine, status="done", limit=None)
+        return any(j["attack"] == "autoattack-fast" for j in done)
+
+    app.dispatcher(LocalExecutor(), max_in_flight=1).run(drain=True, should_stop=fast_done)
+    (done,) = lifecycle.list_jobs(app.engine, status="done", where=sa.text("suite != 'followup'"))
+    job = lifecycle.get_job(app.engine, done["id"])
+    assert any("a black-box probe beat" in flag for flag in job["details"]["flags"])
+    assert followups.triggers(app.engine, job) == ["masked", "probe"]
+    queued = [
+        lifecycle.get_job(app.engine, j["id"])
+        for j in lifecycle.list_jobs(app.engine, limit=None)
+        if j["suite"] == followups.FOLLOWUP
+    ]
+    got = {(j["attack"], j["spec"]["adaptive"]): j["details"]["followup"]["why"] for j in queued}
+    both = "gradients are zero or NaN, and a black-box probe beat the gradient members"
+    assert got == {
+        ("autoattack-fast", True): f"{both}: BPDA through the defense",
+        ("square", False): f"{both}: Square, a larger query budget",
+    }
+    # The probe's flag alone (gradients that are not zero but useless) plans the same.
+    alone = {
+        (spec.attack, spec.adaptive): why
+        for spec, why in followups.plan(app.engine, job, ["probe"])
+    }
+    probe = "a black-box probe beat the gradient members"
+    assert alone == {key: why.replace(both, probe) for key, why in got.items()}
