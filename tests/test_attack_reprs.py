@@ -28,8 +28,8 @@ PINNED = {
     ),
     "autoattack-fast": (
         {},
-        "AutoAttackFast(steps=100, queries=1000, n_target_classes=9, cheap_targets=4, "
-        "fab_targets=3, screen=0.1, probe_queries=100, masked_share=0.5, full_queries=5000)",
+        "AutoAttackFast(steps=100, queries=500, n_target_classes=9, cheap_targets=4, "
+        "fab_targets=2, screen=0.1, probe_queries=100, masked_share=0.5, full_queries=5000)",
     ),
     "bim": ({}, "BIM(norm=None, steps=10, rel_stepsize=0.125, targeted=False, target='random')"),
     "clean": ({}, "Clean()"),

@@ -47,7 +47,7 @@ def test_fast_is_within_half_a_point_of_autoattack_at_a_fraction_of_its_passes(
     model = load_classifier(digits_models[name], "small-cnn", InputSpec(1, 8, 8, 10)).eval()
     x, y = points
     threat = Threat("linf", eps)
-    # Each protocol as shipped (100 steps; Square 5000 and 1000 queries): the screen
+    # Each protocol as shipped (100 steps; Square 5000 and 500 queries): the screen
     # trusts margins after 100 steps of gradient ascent, and 20 steps leave points far
     # by margin that Square still breaks.
     slow_robust, quick_robust = [], []
