@@ -25,6 +25,15 @@ def _submit(app, weights, suite: str, name: str):
     )
 
 
+def _one_suite(tmp_path, weights, suite: str):
+    """An app that queues follow-ups, with one model submitted under ``suite`` (YAML)."""
+    app = make_app(tmp_path / "home", GAUNTLET_FOLLOWUPS=1)
+    path = tmp_path / "suite.yaml"
+    path.write_text(suite)
+    _submit(app, weights, str(path), "model")
+    return app
+
+
 def _robust(engine, job_id: int) -> float:
     stmt = sa.select(MetricRow.value).where(
         MetricRow.job_id == job_id, MetricRow.name == "robust_accuracy"
@@ -104,14 +113,13 @@ def test_masked_defense_gets_follow_ups_and_reads_under_evaluation(tmp_path, dig
 
 
 def test_randomized_defense_gets_an_eot_follow_up(tmp_path, digits_models):
-    app = make_app(tmp_path / "home", GAUNTLET_FOLLOWUPS=1)
-    suite = tmp_path / "noisy.yaml"
-    suite.write_text(
+    app = _one_suite(
+        tmp_path,
+        digits_models["standard"],
         "n: 20\neps: {linf: {default: 0.2}}\n"
         "defenses: [{name: gaussian-noise}]\nevaluations:\n"
-        "  - {attack: pgd, norm: linf, adaptive: false, eot_samples: 5, params: {steps: 5}}\n"
+        "  - {attack: pgd, norm: linf, adaptive: false, eot_samples: 5, params: {steps: 5}}\n",
     )
-    _submit(app, digits_models["standard"], str(suite), "noisy")
     app.dispatcher(LocalExecutor()).run(drain=True)
     jobs = [lifecycle.get_job(app.engine, j["id"]) for j in lifecycle.list_jobs(app.engine)]
     (plain,) = [j for j in jobs if j["suite"] != followups.FOLLOWUP]
@@ -129,14 +137,13 @@ def test_the_fast_protocols_probe_flag_queues_the_masking_follow_ups(tmp_path, d
     """autoattack-fast behind bit-depth rounding, run non-adaptively: its probe finds the
     gradients masked, and that flag, like a zero gradient, queues BPDA and a larger
     Square, each saying what showed the masking."""
-    app = make_app(tmp_path / "home", GAUNTLET_FOLLOWUPS=1)
-    suite = tmp_path / "fast.yaml"
-    suite.write_text(
+    app = _one_suite(
+        tmp_path,
+        digits_models["robust"],
         "n: 40\neps: {linf: {default: 0.2}}\n"
         "defenses: [{name: bit-depth, params: {bits: 3}}]\nevaluations:\n"
-        "  - {attack: autoattack-fast, norm: linf, adaptive: false}\n"
+        "  - {attack: autoattack-fast, norm: linf, adaptive: false}\n",
     )
-    _submit(app, digits_models["robust"], str(suite), "fast")
 
     def fast_done() -> bool:
         done = lifecycle.list_jobs(app.engine, status="done", limit=None)
